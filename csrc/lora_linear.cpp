@@ -1,0 +1,186 @@
+// Fused LoRA linear: y = x @ W.T + b + s * (x_l @ A.T) @ B.T, with x_l = x unless a
+// separate LoRA-branch input (x after dropout) is given.
+//
+// Ops (schemas in TORCH_LIBRARY below):
+//   lora_linear      public op; CompositeImplicitAutograd, calls lora_linear_fwd and
+//                    keeps its first output, so torch.export graphs show lora_linear.
+//   lora_linear_fwd  forward kernel; returns (y, h) with h = x_l @ A.T [N, r], which
+//                    the backward reuses instead of recomputing. Autograd is registered
+//                    in Python (lora_runtime/ops.py) with torch.library.register_autograd.
+//   lora_linear_bwd  backward kernel; computes only the gradients asked for.
+//
+// The kernels are plain ATen calls, so the same code serves every device; it is
+// registered for CPU and CUDA.
+#include <torch/extension.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+namespace lora_runtime {
+namespace {
+
+void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lora_linear: ", name, " has dtype ",
+              t.scalar_type(), " but x has dtype ", x.scalar_type(),
+              "; all tensors must share one dtype");
+  TORCH_CHECK(t.device() == x.device(), "lora_linear: ", name, " is on ", t.device(),
+              " but x is on ", x.device(), "; all tensors must be on one device");
+}
+
+// Validates shapes, dtypes and devices; returns in_features.
+int64_t check_inputs(const at::Tensor& x, const at::Tensor& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                     const at::Tensor& lora_b, const c10::optional<at::Tensor>& lora_input) {
+  TORCH_CHECK(x.dim() >= 1, "lora_linear: x must have at least 1 dim [..., in], got shape ",
+              x.sizes());
+  TORCH_CHECK(weight.dim() == 2, "lora_linear: weight must be 2-d [out, in], got shape ",
+              weight.sizes());
+  const int64_t in = weight.size(1);
+  const int64_t out = weight.size(0);
+  TORCH_CHECK(x.size(-1) == in, "lora_linear: x has ", x.size(-1),
+              " input features (x.shape=", x.sizes(), ") but weight expects ", in,
+              " (weight.shape=", weight.sizes(), ")");
+  TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == in,
+              "lora_linear: lora_a must be [r, in] = [r, ", in, "], got lora_a.shape=",
+              lora_a.sizes(), " (weight.shape=", weight.sizes(), ")");
+  const int64_t r = lora_a.size(0);
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == out && lora_b.size(1) == r,
+              "lora_linear: lora_b must be [out, r] = [", out, ", ", r,
+              "], got lora_b.shape=", lora_b.sizes(), " (weight.shape=", weight.sizes(),
+              ", lora_a.shape=", lora_a.sizes(), ")");
+  check_same(weight, "weight", x);
+  check_same(lora_a, "lora_a", x);
+  check_same(lora_b, "lora_b", x);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out,
+                "lora_linear: bias must be [out] = [", out, "], got bias.shape=",
+                bias->sizes(), " (weight.shape=", weight.sizes(), ")");
+    check_same(*bias, "bias", x);
+  }
+  if (lora_input.has_value() && lora_input->defined()) {
+    TORCH_CHECK(lora_input->sizes() == x.sizes(),
+                "lora_linear: lora_input must have x's shape ", x.sizes(), ", got ",
+                lora_input->sizes());
+    check_same(*lora_input, "lora_input", x);
+  }
+  return in;
+}
+
+std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
+  std::vector<int64_t> s(shape.begin(), shape.end());
+  s.back() = last;
+  return s;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+    const c10::optional<at::Tensor>& lora_input) {
+  const int64_t in = check_inputs(x, weight, bias, lora_a, lora_b, lora_input);
+  const at::Tensor x2 = x.reshape({-1, in});  // [N, in]; copies only if x is not viewable
+  const at::Tensor xl2 =
+      (lora_input.has_value() && lora_input->defined()) ? lora_input->reshape({-1, in}) : x2;
+  at::Tensor h = at::mm(xl2, lora_a.t());  // [N, r]
+  at::Tensor y = (bias.has_value() && bias->defined())
+                     ? at::addmm(*bias, x2, weight.t())  // [N, out], bias fused in
+                     : at::mm(x2, weight.t());
+  y.addmm_(h, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);  // y += s * h @ B.T, in place
+  return {y.view(with_last(x.sizes(), weight.size(0))), h.view(with_last(x.sizes(), lora_a.size(0)))};
+}
+
+at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                       const at::Tensor& lora_b, double scaling,
+                       const c10::optional<at::Tensor>& lora_input) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lora_runtime::lora_linear_fwd", "")
+                       .typed<decltype(lora_linear_fwd)>();
+  return std::get<0>(op.call(x, weight, bias, lora_a, lora_b, scaling, lora_input));
+}
+
+// Returns (dx, dweight, dbias, dlora_a, dlora_b, dlora_input); an entry whose
+// output_mask is false is an empty tensor of shape [0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lora_linear_bwd(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                const c10::optional<at::Tensor>& h, double scaling,
+                const c10::optional<at::Tensor>& lora_input, std::array<bool, 6> output_mask) {
+  const int64_t in = weight.size(1);
+  const int64_t out = weight.size(0);
+  const bool separate_lora_input = lora_input.has_value() && lora_input->defined();
+  const auto [need_x, need_w, need_b, need_a, need_lb, need_li] = output_mask;
+  TORCH_CHECK(grad.size(-1) == out, "lora_linear_bwd: grad has ", grad.size(-1),
+              " features but weight.shape=", weight.sizes());
+  const bool need_x_input = need_w || (need_a && !separate_lora_input);
+  TORCH_CHECK(!need_x_input || (x.has_value() && x->defined()),
+              "lora_linear_bwd: x is required for the requested gradients");
+  TORCH_CHECK(!need_lb || (h.has_value() && h->defined()),
+              "lora_linear_bwd: h is required for dlora_b");
+
+  const at::Tensor g2 = grad.reshape({-1, out});  // [N, out]
+  const auto empty = [&] { return at::empty({0}, grad.options()); };
+  at::Tensor dx = empty(), dw = empty(), db = empty(), da = empty(), dlb = empty(), dli = empty();
+
+  const bool need_gb = need_a || need_li || (need_x && !separate_lora_input);
+  at::Tensor gb_s;  // s * g @ B : [N, r]
+  if (need_gb) gb_s = at::mm(g2, lora_b).mul_(scaling);
+
+  if (need_x) {
+    dx = at::mm(g2, weight);  // [N, in]
+    if (!separate_lora_input) dx.addmm_(gb_s, lora_a);  // += s * (g @ B) @ A, in place
+    dx = dx.view(with_last(grad.sizes(), in));
+  }
+  if (need_li) {
+    TORCH_CHECK(separate_lora_input, "lora_linear_bwd: dlora_input asked without lora_input");
+    dli = at::mm(gb_s, lora_a).view(with_last(grad.sizes(), in));  // [..., in]
+  }
+  if (need_a || need_w) {
+    const at::Tensor x2 = need_x_input ? x->reshape({-1, in}) : at::Tensor();
+    if (need_a) {
+      const at::Tensor xl2 = separate_lora_input ? lora_input->reshape({-1, in}) : x2;
+      da = at::mm(gb_s.t(), xl2);  // [r, in]
+    }
+    if (need_w) dw = at::mm(g2.t(), x2);  // [out, in]
+  }
+  if (need_lb) {
+    const at::Tensor h2 = h->reshape({-1, lora_a.size(0)});  // [N, r]
+    dlb = at::mm(g2.t(), h2).mul_(scaling);                 // [out, r]
+  }
+  if (need_b) db = g2.sum(0);  // [out]
+  return {dx, dw, db, da, dlb, dli};
+}
+
+TORCH_LIBRARY(lora_runtime, m) {
+  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "float scaling, Tensor? lora_input=None) -> Tensor");
+  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
+        "Tensor lora_b, float scaling, Tensor? lora_input=None) -> (Tensor, Tensor)");
+  m.def("lora_linear_bwd(Tensor grad, Tensor? x, Tensor weight, Tensor lora_a, "
+        "Tensor lora_b, Tensor? h, float scaling, Tensor? lora_input, bool[6] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(lora_runtime, CompositeImplicitAutograd, m) {
+  m.impl("lora_linear", &lora_linear);
+}
+
+TORCH_LIBRARY_IMPL(lora_runtime, CPU, m) {
+  m.impl("lora_linear_fwd", &lora_linear_fwd);
+  m.impl("lora_linear_bwd", &lora_linear_bwd);
+}
+
+TORCH_LIBRARY_IMPL(lora_runtime, CUDA, m) {
+  m.impl("lora_linear_fwd", &lora_linear_fwd);
+  m.impl("lora_linear_bwd", &lora_linear_bwd);
+}
+
+}  // namespace lora_runtime
+
+// `import lora_runtime._C` loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

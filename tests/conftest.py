@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny models built from configs (no hub), non-zero adapters."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_tiny_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32):
+    """A 2-layer Llama (hidden 64) with random weights, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def randomize_lora(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
+    """Draws non-zero lora_A and lora_B so the LoRA path changes the outputs."""
+    from lora_runtime.registry import iter_lora_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in iter_lora_layers(model):
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def token_ids():
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy

@@ -1,0 +1,48 @@
+"""The compiled extension is active under `make test`; without it the package still works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import lora_runtime
+
+
+def test_extension_is_loaded():
+    assert lora_runtime.extension_loaded(), lora_runtime._extension.extension_error()
+    import torch
+
+    assert hasattr(torch.ops.lora_runtime, "lora_linear")
+
+
+FALLBACK = textwrap.dedent(
+    """
+    import sys, warnings
+    sys.modules["lora_runtime._C"] = None  # makes `from lora_runtime import _C` fail
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import lora_runtime
+    import torch
+    from torch import nn
+    from lora_runtime.layer import LoRALinear
+    assert not lora_runtime.extension_loaded()
+    assert sum("pure-PyTorch reference path" in str(w.message) for w in caught) == 1
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8), 4)
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 16, requires_grad=True)
+    y = layer(x)
+    ref = layer.base_layer(x) + x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    assert torch.allclose(y, ref, atol=1e-6)
+    y.sum().backward()
+    assert layer.lora_A.weight.grad is not None
+    print("fallback ok")
+    """
+)
+
+
+def test_pure_pytorch_fallback_with_one_warning():
+    out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "fallback ok" in out.stdout
