@@ -81,9 +81,10 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def get_delta_weight(self) -> torch.Tensor:
-        """`scaling * B @ A` in float32, `[out, in]` (cast by the caller)."""
-        a = self.lora_A.weight.detach().float()  # [r, in]
-        b = self.lora_B.weight.detach().float()  # [out, r]
+        """`scaling * B @ A`, `[out, in]`, in float32 (float64 for a float64 base weight)."""
+        dtype = torch.float64 if self.base_layer.weight.dtype == torch.float64 else torch.float32
+        a = self.lora_A.weight.detach().to(dtype)  # [r, in]
+        b = self.lora_B.weight.detach().to(dtype)  # [out, r]
         return (b @ a) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -177,11 +177,13 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
             for key, p in (("lora_A", layer.lora_A.weight), ("lora_B", layer.lora_B.weight)):
                 if not torch.isfinite(p).all():
                     raise ValueError(f"remove_lora: {name}.{key}.weight has non-finite values")
+    if merge:
+        from lora_runtime.merge import merged_weight  # merge builds on this module
+
     for name, layer in layers:
         base = layer.base_layer
         if merge:
-            w = base.weight
-            w.copy_((w.float() + layer.get_delta_weight()).to(w.dtype))
+            base.weight.copy_(merged_weight(layer))
         _set_submodule(unwrap_model(model), name, base)
     return model
 

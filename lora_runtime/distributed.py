@@ -1,0 +1,421 @@
+"""Several processes, one actor: FSDP2 sharding, DDP replication and rank-aware helpers.
+
+Everything here runs on PyTorch's own engines (`torch.distributed.fsdp.fully_shard`,
+`torch.nn.parallel.DistributedDataParallel`). The LoRA-specific rules:
+
+- FSDP2 units are whole repeated blocks (decoder layers, ViT blocks) plus the root, never a
+  `LoRALinear` or its `lora_A` / `lora_B` alone: the fused op reads `base_layer.weight` and
+  `lora_A.weight` in one call, so they must be unsharded together. FSDP2 shards per
+  parameter, so frozen base weights and trainable adapters may share a unit; only
+  parameters with a gradient are reduce-scattered.
+- DDP registers hooks only for parameters that require grad, so on a patched actor only the
+  adapters are all-reduced; every adapter takes part in every training forward, so
+  `find_unused_parameters` stays False.
+
+Functions that gather (`full_tensor`, and the checkpoint / sync code that calls it) are
+collectives: every rank must call them, in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lora_runtime.distributed_blocks import find_blocks
+from lora_runtime.registry import iter_lora_layers, unwrap_model
+
+__all__ = [
+    "DistContext",
+    "barrier",
+    "copy_full_",
+    "find_blocks",
+    "full_tensor",
+    "gathered",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_main_process",
+    "is_sharded",
+    "rank_slice",
+    "reduce_metrics",
+    "replicate_actor",
+    "reshard",
+    "shard_actor",
+    "shutdown_distributed",
+    "wrap_actor",
+]
+
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_REDUCE_OPS = {
+    "mean": dist.ReduceOp.SUM,
+    "sum": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
+
+
+# ----------------------------------------------------------------------------- process group
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: `rank` of `world_size`, its `device` and the backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
+    """Joins the process group described by torchrun's environment variables.
+
+    Args:
+        backend: "gloo" or "nccl"; None picks "nccl" when CUDA is available, else "gloo".
+        timeout_s: how long a collective may wait for the other ranks before it fails
+            (a rank that died makes the others fail after at most this long, even without
+            torchrun stopping them first).
+
+    Returns:
+        The `DistContext`; with CUDA, the current device is set to `LOCAL_RANK`.
+
+    Raises:
+        RuntimeError: the launch variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+            MASTER_PORT) are missing: the process was not started by torchrun.
+        ValueError: an unknown backend or a non-positive timeout.
+    """
+    if backend is not None and backend not in ("gloo", "nccl"):
+        raise ValueError(f"init_distributed: backend={backend!r}; allowed 'gloo', 'nccl' or None")
+    if not timeout_s > 0:
+        raise ValueError(f"init_distributed: timeout_s={timeout_s!r}; must be > 0")
+    if not dist.is_initialized():
+        missing = [v for v in _LAUNCH_VARS if v not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"init_distributed: environment variables {missing} are not set; start the run "
+                "with `torchrun --nproc_per_node N ...` (or set all of "
+                f"{list(_LAUNCH_VARS)})"
+            )
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    backend = dist.get_backend()
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def shutdown_distributed() -> None:
+    """Leaves the process group (no-op when there is none)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 without a process group."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and in single-process runs: the one process that writes files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Waits for every rank (no-op without a process group or with one process)."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when `fully_shard` was applied to `model` or one of its submodules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in unwrap_model(model).modules())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathers a `DTensor` (an FSDP2 shard), returns anything else as is.
+
+    A collective for a DTensor: every rank of its mesh must call it, in the same order.
+    """
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def reshard(model: nn.Module) -> None:
+    """Frees gathered FSDP2 parameters so the registered ones are the shards again.
+
+    Needed before writing parameters in place when `reshard_after_forward=False` left
+    gathered copies registered after a forward; a no-op for unsharded models.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in unwrap_model(model).modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@contextmanager
+def gathered(module: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily registers whole copies of `module`'s sharded (DTensor) parameters.
+
+    Inside the block, code that reads `module`'s parameters directly (e.g. a merge of one
+    `LoRALinear`) sees ordinary full tensors; the shards are put back on exit. Gathers one
+    tensor at a time, so at most `module`'s parameters are whole at once. A collective for
+    sharded modules (every rank must enter it, in the same order); a no-op otherwise.
+    Do not run forward or backward of the sharded model inside it.
+
+    Yields:
+        `module`.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if isinstance(param, DTensor):
+                    full = param.detach().full_tensor()
+                    swapped.append((sub, name, param))
+                    sub._parameters[name] = nn.Parameter(full, requires_grad=False)
+        yield module
+    finally:
+        for sub, name, param in reversed(swapped):
+            sub._parameters[name] = param
+
+
+@torch.no_grad()
+def copy_full_(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`dst.copy_(src)` where `src` is the whole tensor and `dst` may be a DTensor shard.
+
+    Each rank keeps its own slice of `src` (same chunking as `distribute_tensor`); no
+    communication, so every rank must hold the same `src`.
+
+    Raises:
+        ValueError: `src` does not have `dst`'s global shape.
+    """
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(
+            f"copy_full_: source shape {list(src.shape)} != parameter shape {list(dst.shape)}"
+        )
+    if isinstance(dst, DTensor):
+        src = src.to(device=dst.to_local().device, dtype=dst.dtype)
+        shard = distribute_tensor(src, dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.to_local().copy_(shard.to_local())
+    else:
+        dst.copy_(src)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def _default_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(_comm_device().type, (dist.get_world_size(),))
+
+
+def _check_shardable(model: nn.Module, who: str) -> None:
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{who}: no process group; call init_distributed() first (under torchrun)"
+        )
+    if model is not unwrap_model(model):
+        raise ValueError(
+            f"{who}: got a {type(model).__name__} wrapper; pass the plain model "
+            "(compile after sharding)"
+        )
+    if is_sharded(model):
+        raise ValueError(f"{who}: the model is already sharded with fully_shard")
+    merged = [p for p, layer in iter_lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"{who}: layers are merged ({merged[:3]}); leave merged(...) first")
+
+
+def shard_actor(
+    model: nn.Module,
+    mesh=None,
+    reshard_after_forward: bool = True,
+    block_types: Iterable[type | str] | None = None,
+) -> nn.Module:
+    """Applies FSDP2 (`fully_shard`) to each repeated block, then to the root, in place.
+
+    Each unit's parameters (frozen base weights and trainable adapters alike) are sharded
+    on dim 0 across `mesh`; a unit is all-gathered before its forward (and again before its
+    backward when `reshard_after_forward`), and only gradients that exist (the adapters',
+    for a patched actor) are reduce-scattered. Parameters become `DTensor`s; optimizers
+    built after this call step the shards.
+
+    Args:
+        model: a patched (LoRA) or full-mode actor, on the device of the process group's
+            backend or on CPU (FSDP2 moves it to the mesh's device).
+        mesh: a 1-D `DeviceMesh`; None means all ranks ("cpu" for gloo, "cuda" for nccl).
+        reshard_after_forward: free gathered parameters after forward (less memory, one
+            more all-gather per unit in backward). Applied to every unit, root included.
+        block_types: see `find_blocks`; `()` shards the root alone.
+
+    Returns:
+        `model` (its class is swapped to an `FSDPModule` subclass, paths are unchanged).
+
+    Raises:
+        RuntimeError: no process group, or merged layers.
+        ValueError: a wrapper instead of the model, an already sharded model, a block
+            inside a LoRALinear, or no repeated block found (name them with `block_types`).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    _check_shardable(model, "shard_actor")
+    blocks = find_blocks(model, block_types)
+    if not blocks and block_types is None:
+        raise ValueError(
+            f"shard_actor: no repeated block found in {type(model).__name__} (no "
+            "_no_split_modules, no nn.ModuleList of same-class blocks); pass "
+            "block_types=[YourBlock] or () to "
+            "shard the root alone"
+        )
+    mesh = mesh if mesh is not None else _default_mesh()
+    for _, block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def replicate_actor(
+    model: nn.Module, sync_buffers: bool = False, bucket_cap_mb: float = 25.0
+) -> nn.Module:
+    """Wraps the actor in `DistributedDataParallel`; only trainable parameters are reduced.
+
+    Rank 0's parameters and buffers are broadcast once at construction, so every replica
+    starts identical. Per step, DDP all-reduces (averages) the gradients of parameters with
+    `requires_grad`: the adapters of a patched actor, everything of a full-mode one.
+
+    Args:
+        model: the actor, on this rank's device.
+        sync_buffers: re-broadcast rank 0's buffers before each forward; off by default
+            because the actors' buffers (rotary frequencies, masks) are constants.
+        bucket_cap_mb: DDP gradient bucket size.
+
+    Returns:
+        The `DistributedDataParallel` wrapper (`.module` is `model`; the checkpoint
+        functions accept either).
+
+    Raises:
+        RuntimeError: no process group, or merged layers.
+        ValueError: a wrapper instead of the model, a sharded model, or no trainable
+            parameter.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    _check_shardable(model, "replicate_actor")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "replicate_actor: the model has no parameter with requires_grad; nothing to all-reduce"
+        )
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        forward_sync_buffers=sync_buffers,
+        bucket_cap_mb=bucket_cap_mb,
+        find_unused_parameters=False,
+    )
+
+
+MODES = ("none", "fsdp", "ddp")
+
+
+def wrap_actor(model: nn.Module, mode: str) -> nn.Module:
+    """The actor as trained under `trainer.distributed`: as is, sharded or replicated.
+
+    Args:
+        model: the prepared actor (patched or full), on this rank's device.
+        mode: "none", "fsdp" (`shard_actor`) or "ddp" (`replicate_actor`).
+
+    Returns:
+        `model` for "none" and "fsdp" (sharded in place), the DDP wrapper for "ddp".
+
+    Raises:
+        ValueError: an unknown mode; see `shard_actor` / `replicate_actor`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"trainer.distributed={mode!r}; allowed {list(MODES)}")
+    if mode == "fsdp":
+        return shard_actor(model)
+    if mode == "ddp":
+        return replicate_actor(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- batches, metrics
+
+
+def rank_slice(total: int, rank: int | None = None, world_size: int | None = None) -> slice:
+    """This rank's contiguous share of `total` items (rank r gets `[r*n, (r+1)*n)`).
+
+    Raises:
+        ValueError: `total` is not a positive multiple of the world size.
+    """
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if total < 1 or total % world_size:
+        raise ValueError(
+            f"rank_slice: {total} items cannot be split evenly over world_size={world_size}; "
+            "use a batch size that is a positive multiple of the number of processes"
+        )
+    n = total // world_size
+    return slice(rank * n, (rank + 1) * n)
+
+
+def reduce_metrics(metrics: Mapping[str, float], op: str = "mean") -> dict[str, float]:
+    """Reduces scalar metrics over ranks in one all-reduce (float64).
+
+    Every rank must pass the same keys. Without a process group the values come back as
+    floats, unchanged.
+
+    Args:
+        metrics: `{name: scalar}` (Python numbers or 0-d tensors).
+        op: "mean", "sum", "max" or "min".
+
+    Raises:
+        ValueError: an unknown op.
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"reduce_metrics: op={op!r}; allowed {sorted(_REDUCE_OPS)}")
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # [K]
+    world = get_world_size()
+    if world > 1 and keys:
+        values = values.to(_comm_device())
+        dist.all_reduce(values, op=_REDUCE_OPS[op])
+        if op == "mean":
+            values = values / world
+    return dict(zip(keys, values.cpu().tolist()))

@@ -1,0 +1,329 @@
+"""merged(...) (reversible, bit-exact) and merge_lora(...) (permanent) on the tiny Llama and
+on a model made only of the runtime's layers, in float32, bfloat16 and float16."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama, randomize_lora
+from torch import nn
+
+from lora_runtime.compile import adapter_disabled
+from lora_runtime.layer import LoRALinear
+from lora_runtime.merge import MergeError, merge_lora, merged, merged_weight
+from lora_runtime.registry import apply_lora, iter_lora_layers, remove_lora
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_model(kind: str, dtype: torch.dtype = torch.float32, std: float = 0.05) -> nn.Module:
+    """A patched model with non-zero adapters: the tiny Llama, or LoRALinear layers only."""
+    if kind == "llama":
+        model = apply_lora(make_tiny_llama(layers=1), 4, alpha=8)
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            LoRALinear(nn.Linear(32, 64), 4, lora_alpha=8), nn.GELU(),
+            LoRALinear(nn.Linear(64, 48, bias=False), 4, lora_alpha=8),
+        )
+    randomize_lora(model, std=std)
+    return model.to(dtype).eval()
+
+
+def make_input(kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    if kind == "llama":
+        return torch.randint(0, 128, (2, 12), generator=gen)  # token ids
+    return torch.randn(2, 12, 32, generator=gen).to(dtype)  # [B, T, in]
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype, key
+        assert torch.equal(after[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+def assert_unmerged(model: nn.Module) -> None:
+    for _, layer in iter_lora_layers(model):
+        assert not layer.merged and not layer.disable_adapters
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["llama", "mlp"])
+def test_merged_computes_merge_and_restores_bit_exactly(kind, dtype):
+    model = make_model(kind, dtype)
+    x = make_input(kind, dtype)
+    before = snapshot(model)
+    lora_out = run(model, x)
+    reference = merge_lora(copy.deepcopy(model))  # plain nn.Linear, merged weights
+    with merged(model) as stats:
+        assert all(layer.merged for _, layer in iter_lora_layers(model))
+        merged_out = run(model, x)
+        for path, layer in iter_lora_layers(model):
+            assert torch.equal(layer.base_layer.weight, reference.get_submodule(path).weight), path
+    assert torch.equal(merged_out, run(reference, x))
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert (merged_out.float() - lora_out.float()).abs().max() <= tol * lora_out.float().abs().max()
+    assert_bit_identical(model, before)  # base weights, biases and adapters, bit for bit
+    assert_unmerged(model)
+    assert torch.equal(run(model, x), lora_out)
+    assert stats.layers == len(list(iter_lora_layers(model)))
+    assert 0 < stats.patched_elements < stats.total_elements
+    assert stats.extra_bytes < 0.5 * stats.merged_bytes
+
+
+def test_merged_memory_accounting_matches_what_is_held():
+    model = make_model("llama", torch.bfloat16)
+    layers = [layer for _, layer in iter_lora_layers(model)]
+    with merged(model) as stats:
+        pass
+    weights = [layer.base_layer.weight for layer in layers]
+    assert stats.merged_bytes == sum(w.numel() * 2 for w in weights)
+    masks = sum(math.ceil(w.numel() / 8) for w in weights)  # every layer has patches here
+    adapters = sum((ly.lora_A.weight.numel() + ly.lora_B.weight.numel()) * 2 for ly in layers)
+    assert stats.extra_bytes == masks + adapters + 2 * stats.patched_elements
+    assert stats.extra_fraction == pytest.approx(stats.extra_bytes / stats.merged_bytes)
+
+
+def test_merged_restores_signed_zeros_and_nan_bits():
+    layer = LoRALinear(nn.Linear(64, 32, bias=False), 2).to(torch.bfloat16)
+    nn.init.normal_(layer.lora_B.weight, std=0.02)
+    with torch.no_grad():
+        w = layer.base_layer.weight
+        w[0, :4] = -0.0
+        w[1, 0] = float("nan")
+        w[1, 1] = float("inf")
+    before = snapshot(layer)
+    with merged(layer):
+        pass
+    assert_bit_identical(layer, before)
+
+
+def test_merged_weight_is_rounded_once_from_the_exact_sum():
+    """bf16: within half an ulp of the float64 sum, unlike a merge done in bf16 (PEFT)."""
+    model = make_model("mlp", torch.bfloat16, std=0.1)
+    for _, layer in iter_lora_layers(model):
+        w = layer.base_layer.weight
+        a64, b64 = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+        exact = w.double() + layer.scaling * (b64 @ a64)  # [out, in] float64 reference
+        ours = merged_weight(layer).double()
+        _, exp = torch.frexp(exact)
+        half_ulp = torch.ldexp(torch.ones_like(exact), exp - 9)  # bf16 keeps 8 significant bits
+        assert ((ours - exact).abs() <= half_ulp * (1 + 2**-12)).all()
+        in_bf16 = (w + (layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling).double()
+        assert (ours - exact).abs().mean() < (in_bf16 - exact).abs().mean()
+
+
+def test_merged_on_float32_adapters_over_bfloat16_base():
+    model = make_model("mlp", torch.bfloat16)
+    for _, layer in iter_lora_layers(model):
+        layer.lora_A.float()
+        layer.lora_B.float()
+    before = snapshot(model)
+    with merged(model):
+        pass
+    assert_bit_identical(model, before)
+
+
+def test_merged_refuses_to_hold_more_than_the_limit_and_changes_nothing():
+    model = make_model("llama", torch.bfloat16, std=1.0)  # delta far larger than W
+    x = make_input("llama")
+    before, out = snapshot(model), run(model, x)
+    over = r"max_extra_fraction=0.5 .*Nothing was changed"
+    with pytest.raises(MergeError, match=over), merged(model):
+        pytest.fail("the body must not run")
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
+    assert torch.equal(run(model, x), out)
+    with merged(model, max_extra_fraction=2.0) as stats:  # allowed when asked for
+        assert stats.extra_fraction > 0.5
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "half", True])
+def test_merged_rejects_bad_limits(bad):
+    model = make_model("mlp")
+    with pytest.raises(ValueError, match="max_extra_fraction"):
+        merged(model, max_extra_fraction=bad).__enter__()
+    assert_unmerged(model)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("merge", ["merged", "merge_lora"])
+def test_non_finite_adapter_is_refused_and_model_unchanged(merge, value):
+    model = make_model("llama", torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.lora_B.weight[3, 1] = value
+    before = snapshot(model)
+    named = r"'model\.layers\.0\.mlp\.up_proj\.lora_B\.weight' has 1 non-finite"
+    with pytest.raises(ValueError, match=named):
+        if merge == "merged":
+            with merged(model):
+                pytest.fail("the body must not run")
+        else:
+            merge_lora(model)
+    assert_bit_identical(model, before)
+    assert len(list(iter_lora_layers(model))) == 8  # 7 projections and lm_head, still patched
+    assert_unmerged(model)
+
+
+def test_nested_merged_is_refused_and_weights_unchanged():
+    model = make_model("mlp", torch.bfloat16)
+    before = snapshot(model)
+    with merged(model):
+        inside = snapshot(model)
+        nested = "'0' is already merged.*nesting is not allowed"
+        with pytest.raises(MergeError, match=nested), merged(model):
+            pytest.fail("the body must not run")
+        assert_bit_identical(model, inside)
+        assert all(layer.merged for _, layer in iter_lora_layers(model))
+    assert_bit_identical(model, before)
+
+
+def test_remove_lora_and_merge_lora_inside_merged_are_refused():
+    model = make_model("llama", torch.bfloat16)
+    before = snapshot(model)
+    with merged(model):
+        inside = snapshot(model)
+        with pytest.raises(RuntimeError, match="merged by merged"):
+            remove_lora(model, merge=True)
+        with pytest.raises(MergeError, match="already merged"):
+            merge_lora(model)
+        assert_bit_identical(model, inside)
+    assert_bit_identical(model, before)
+
+
+def test_merged_and_adapter_disabled_do_not_mix():
+    model = make_model("mlp")
+    before = snapshot(model)
+    with adapter_disabled(model), pytest.raises(MergeError, match="adapter_disabled"):
+        merged(model).__enter__()
+    with merged(model), pytest.raises(MergeError, match="leave merged"), adapter_disabled(model):
+        pytest.fail("the body must not run")
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_optimizer_step_inside_merged_is_refused_and_restore_is_exact(with_base):
+    model = make_model("llama", torch.bfloat16)
+    params = list(model.parameters()) if with_base else [
+        p for _, ly in iter_lora_layers(model) for p in (ly.lora_A.weight, ly.lora_B.weight)
+    ]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)  # stale gradients: a step would change the weights
+    before = snapshot(model)
+    with merged(model):
+        inside = snapshot(model)
+        with pytest.raises(MergeError, match=r"AdamW.step\(\) inside merged.*nothing was changed"):
+            optimizer.step()
+        assert_bit_identical(model, inside)
+    assert_bit_identical(model, before)
+    optimizer.step()  # outside, the hook is gone
+    assert not torch.equal(model.lm_head.lora_B.weight, before["lm_head.lora_B.weight"])
+
+
+def test_an_optimizer_of_other_parameters_may_step_inside_merged():
+    model, critic = make_model("mlp"), nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(critic.parameters(), lr=0.1)
+    critic(torch.ones(2, 4)).sum().backward()
+    before = snapshot(model)
+    with merged(model):
+        optimizer.step()
+    assert_bit_identical(model, before)
+
+
+def test_in_place_adapter_write_inside_merged_is_undone_and_reported():
+    model = make_model("mlp", torch.bfloat16)
+    before = snapshot(model)
+    undone = r"'2' adapters \(restored to their values at entry\)"
+    with pytest.raises(MergeError, match=undone), merged(model), torch.no_grad():
+        model[2].lora_B.weight.mul_(3.0)
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
+
+
+def test_merged_under_inference_mode_for_rollouts():
+    model = make_model("llama", torch.bfloat16)
+    x = make_input("llama")
+    before, expected = snapshot(model), run(merge_lora(copy.deepcopy(model)), x)
+    with torch.inference_mode(), merged(model):
+        assert torch.equal(model(x).logits, expected)
+    assert_bit_identical(model, before)
+    model.train()
+    model(x).logits.float().square().mean().backward()  # still trainable afterwards
+    assert model.lm_head.lora_B.weight.grad is not None
+
+
+def test_exception_inside_merged_still_restores():
+    model = make_model("llama", torch.bfloat16)
+    before = snapshot(model)
+    with pytest.raises(KeyError), merged(model):
+        raise KeyError("rollout failed")
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["llama", "mlp"])
+def test_merge_lora_returns_plain_linears_with_merged_weights(kind, dtype):
+    model = make_model(kind, dtype)
+    x = make_input(kind, dtype)
+    lora_out = run(model, x)
+    expected = {path: merged_weight(layer) for path, layer in iter_lora_layers(model)}
+    paths_bias = {path: layer.base_layer.bias for path, layer in iter_lora_layers(model)}
+    assert merge_lora(model) is model
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    for path, weight in expected.items():
+        module = model.get_submodule(path)
+        assert type(module) is nn.Linear
+        assert torch.equal(module.weight, weight)
+        assert module.bias is paths_bias[path]
+    assert not any("lora_" in k or "base_layer" in k for k in model.state_dict())
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    error = (run(model, x).float() - lora_out.float()).abs().max()
+    assert error <= tol * lora_out.float().abs().max()
+
+
+def test_merge_lora_float32_matches_float64_reference():
+    model = make_model("mlp", torch.float32)
+    reference = copy.deepcopy(model).double()
+    x = make_input("mlp")
+    expected = run(reference, x.double())  # LoRA path in float64
+    merge_lora(model)
+    assert ((run(model, x).double() - expected).abs().max() / expected.abs().max()) < 1e-6
+
+
+def test_merge_lora_refuses_tied_base_weight():
+    embed, head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "lm_head": head})
+    apply_lora(model, 2, target_modules=["lm_head"])
+    nn.init.normal_(model.lm_head.lora_B.weight, std=0.02)
+    before = snapshot(model)
+    with pytest.raises(MergeError, match=r"lm_head \(tied to embed\.weight\)"):
+        merge_lora(model)
+    with pytest.raises(MergeError, match="tied to embed.weight"), merged(model):
+        pytest.fail("the body must not run")
+    assert_bit_identical(model, before)
+
+
+def test_merge_lora_without_adapters_is_refused():
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        merge_lora(nn.Sequential(nn.Linear(4, 4)))
