@@ -13,6 +13,7 @@ from lora_runtime.checkpoint import (
     read_adapter_config,
     save_adapter,
 )
+from lora_runtime.compile import adapter_disabled, compile_actor
 from lora_runtime.config import (
     DEFAULT_TARGETS,
     ActorModelConfig,
@@ -21,6 +22,7 @@ from lora_runtime.config import (
     load_config,
 )
 from lora_runtime.layer import LoRALinear
+from lora_runtime.merge import MergeError, MergeStats, merge_lora, merged, merged_weight
 from lora_runtime.ops import lora_linear
 from lora_runtime.registry import (
     TrainableSummary,
@@ -30,6 +32,7 @@ from lora_runtime.registry import (
     remove_lora,
     trainable_summary,
 )
+from lora_runtime.sync import iter_merged_weights
 
 __version__ = "0.1.0"
 
@@ -39,16 +42,24 @@ __all__ = [
     "AdapterError",
     "ConfigError",
     "LoRALinear",
+    "MergeError",
+    "MergeStats",
     "RunConfig",
     "TrainableSummary",
+    "adapter_disabled",
     "adapter_state_dict",
     "apply_and_load_adapter",
     "apply_lora",
+    "compile_actor",
     "extension_loaded",
     "iter_lora_layers",
+    "iter_merged_weights",
     "load_adapter",
     "load_config",
     "lora_linear",
+    "merge_lora",
+    "merged",
+    "merged_weight",
     "prepare_actor",
     "read_adapter_config",
     "remove_lora",
