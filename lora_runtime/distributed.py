@@ -12,17 +12,15 @@ Everything here runs on PyTorch's own engines (`torch.distributed.fsdp.fully_sha
   adapters are all-reduced; every adapter takes part in every training forward, so
   `find_unused_parameters` stays False.
 
-Functions that gather (`full_tensor`, and the checkpoint / sync code that calls it) are
+The process-group helpers (`init_distributed`, `rank_slice`, `reduce_metrics`, ...) live in
+`distributed_env` and are re-exported here. Functions that gather (`full_tensor`, and the checkpoint / sync code that calls it) are
 collectives: every rank must call them, in the same order.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,6 +28,20 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lora_runtime.distributed_blocks import find_blocks
+from lora_runtime.distributed_env import (
+    DistContext,
+    barrier,
+    comm_device,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    main_process_first,
+    rank_slice,
+    reduce_metrics,
+    share_size,
+    shutdown_distributed,
+)
 from lora_runtime.registry import iter_lora_layers, unwrap_model
 
 __all__ = [
@@ -44,112 +56,16 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "is_sharded",
+    "main_process_first",
     "rank_slice",
     "reduce_metrics",
     "replicate_actor",
     "reshard",
     "shard_actor",
+    "share_size",
     "shutdown_distributed",
     "wrap_actor",
 ]
-
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-_REDUCE_OPS = {
-    "mean": dist.ReduceOp.SUM,
-    "sum": dist.ReduceOp.SUM,
-    "max": dist.ReduceOp.MAX,
-    "min": dist.ReduceOp.MIN,
-}
-
-
-# ----------------------------------------------------------------------------- process group
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """Where this process sits: `rank` of `world_size`, its `device` and the backend."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
-    """Joins the process group described by torchrun's environment variables.
-
-    Args:
-        backend: "gloo" or "nccl"; None picks "nccl" when CUDA is available, else "gloo".
-        timeout_s: how long a collective may wait for the other ranks before it fails
-            (a rank that died makes the others fail after at most this long, even without
-            torchrun stopping them first).
-
-    Returns:
-        The `DistContext`; with CUDA, the current device is set to `LOCAL_RANK`.
-
-    Raises:
-        RuntimeError: the launch variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-            MASTER_PORT) are missing: the process was not started by torchrun.
-        ValueError: an unknown backend or a non-positive timeout.
-    """
-    if backend is not None and backend not in ("gloo", "nccl"):
-        raise ValueError(f"init_distributed: backend={backend!r}; allowed 'gloo', 'nccl' or None")
-    if not timeout_s > 0:
-        raise ValueError(f"init_distributed: timeout_s={timeout_s!r}; must be > 0")
-    if not dist.is_initialized():
-        missing = [v for v in _LAUNCH_VARS if v not in os.environ]
-        if missing:
-            raise RuntimeError(
-                f"init_distributed: environment variables {missing} are not set; start the run "
-                "with `torchrun --nproc_per_node N ...` (or set all of "
-                f"{list(_LAUNCH_VARS)})"
-            )
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    backend = dist.get_backend()
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
-
-
-def shutdown_distributed() -> None:
-    """Leaves the process group (no-op when there is none)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def get_rank() -> int:
-    """This process's rank, 0 without a process group."""
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    """Number of processes, 1 without a process group."""
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    """True on rank 0 and in single-process runs: the one process that writes files."""
-    return get_rank() == 0
-
-
-def barrier() -> None:
-    """Waits for every rank (no-op without a process group or with one process)."""
-    if get_world_size() > 1:
-        dist.barrier()
-
-
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -238,7 +154,7 @@ def copy_full_(dst: torch.Tensor, src: torch.Tensor) -> None:
 def _default_mesh():
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(_comm_device().type, (dist.get_world_size(),))
+    return init_device_mesh(comm_device().type, (dist.get_world_size(),))
 
 
 def _check_shardable(model: nn.Module, who: str) -> None:
@@ -258,15 +174,32 @@ def _check_shardable(model: nn.Module, who: str) -> None:
         raise RuntimeError(f"{who}: layers are merged ({merged[:3]}); leave merged(...) first")
 
 
+@torch.no_grad()
+def _broadcast_states(model: nn.Module, group) -> None:
+    """Copies the group's first rank's parameters and buffers to the other ranks."""
+    src = dist.get_global_rank(group, 0)
+    device = comm_device()
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device == device:
+            dist.broadcast(t.detach(), src=src, group=group)  # in place
+        else:  # e.g. a CPU model with nccl: go through the communication device
+            buf = t.detach().to(device)
+            dist.broadcast(buf, src=src, group=group)
+            t.copy_(buf)
+
+
 def shard_actor(
     model: nn.Module,
     mesh=None,
     reshard_after_forward: bool = True,
     block_types: Iterable[type | str] | None = None,
+    sync_module_states: bool = True,
 ) -> nn.Module:
     """Applies FSDP2 (`fully_shard`) to each repeated block, then to the root, in place.
 
-    Each unit's parameters (frozen base weights and trainable adapters alike) are sharded
+    First the mesh's first rank broadcasts its parameters and buffers (as DDP does at
+    construction), so every rank shards the same weights even if they were built with
+    different random draws. Each unit's parameters (frozen base weights and trainable adapters alike) are sharded
     on dim 0 across `mesh`; a unit is all-gathered before its forward (and again before its
     backward when `reshard_after_forward`), and only gradients that exist (the adapters',
     for a patched actor) are reduce-scattered. Parameters become `DTensor`s; optimizers
@@ -279,6 +212,8 @@ def shard_actor(
         reshard_after_forward: free gathered parameters after forward (less memory, one
             more all-gather per unit in backward). Applied to every unit, root included.
         block_types: see `find_blocks`; `()` shards the root alone.
+        sync_module_states: broadcast the first rank's weights before sharding (one
+            transfer of the whole model); False when every rank loaded identical weights.
 
     Returns:
         `model` (its class is swapped to an `FSDPModule` subclass, paths are unchanged).
@@ -296,10 +231,11 @@ def shard_actor(
         raise ValueError(
             f"shard_actor: no repeated block found in {type(model).__name__} (no "
             "_no_split_modules, no nn.ModuleList of same-class blocks); pass "
-            "block_types=[YourBlock] or () to "
-            "shard the root alone"
+            "block_types=[YourBlock] or () to shard the root alone"
         )
     mesh = mesh if mesh is not None else _default_mesh()
+    if sync_module_states:
+        _broadcast_states(model, mesh.get_group())
     for _, block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -373,49 +309,3 @@ def wrap_actor(model: nn.Module, mode: str) -> nn.Module:
     if mode == "ddp":
         return replicate_actor(model)
     return model
-
-
-# ----------------------------------------------------------------------------- batches, metrics
-
-
-def rank_slice(total: int, rank: int | None = None, world_size: int | None = None) -> slice:
-    """This rank's contiguous share of `total` items (rank r gets `[r*n, (r+1)*n)`).
-
-    Raises:
-        ValueError: `total` is not a positive multiple of the world size.
-    """
-    rank = get_rank() if rank is None else rank
-    world_size = get_world_size() if world_size is None else world_size
-    if total < 1 or total % world_size:
-        raise ValueError(
-            f"rank_slice: {total} items cannot be split evenly over world_size={world_size}; "
-            "use a batch size that is a positive multiple of the number of processes"
-        )
-    n = total // world_size
-    return slice(rank * n, (rank + 1) * n)
-
-
-def reduce_metrics(metrics: Mapping[str, float], op: str = "mean") -> dict[str, float]:
-    """Reduces scalar metrics over ranks in one all-reduce (float64).
-
-    Every rank must pass the same keys. Without a process group the values come back as
-    floats, unchanged.
-
-    Args:
-        metrics: `{name: scalar}` (Python numbers or 0-d tensors).
-        op: "mean", "sum", "max" or "min".
-
-    Raises:
-        ValueError: an unknown op.
-    """
-    if op not in _REDUCE_OPS:
-        raise ValueError(f"reduce_metrics: op={op!r}; allowed {sorted(_REDUCE_OPS)}")
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)  # [K]
-    world = get_world_size()
-    if world > 1 and keys:
-        values = values.to(_comm_device())
-        dist.all_reduce(values, op=_REDUCE_OPS[op])
-        if op == "mean":
-            values = values / world
-    return dict(zip(keys, values.cpu().tolist()))

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from lora_runtime.distributed import full_tensor
 from lora_runtime.layer import LoRALinear
 from lora_runtime.registry import iter_lora_layers, remove_lora, unwrap_model
 
@@ -125,7 +126,7 @@ def check_mergeable(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear
                 "leave that context first"
             )
         for key in ("lora_A", "lora_B"):
-            w = getattr(layer, key).weight
+            w = full_tensor(getattr(layer, key).weight.detach())  # every rank sees all shards
             if not torch.isfinite(w).all():
                 bad = int((~torch.isfinite(w)).sum())
                 raise ValueError(

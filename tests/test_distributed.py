@@ -1,0 +1,381 @@
+"""FSDP2 and DDP on 2 CPU ranks (gloo, started by torchrun), against one process.
+
+The 2-rank runs live in `dist_worker.py`; the same steps run here in one process on the
+global batch. One launch covers every FSDP2 / DDP case, a second one a failing rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_worker as W
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lora_runtime import distributed
+from lora_runtime.checkpoint import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    load_adapter,
+    save_adapter,
+)
+from lora_runtime.registry import iter_lora_layers
+from lora_runtime.sync import iter_merged_weights
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+LAUNCH_TIMEOUT_S = 180  # a bound on a whole 2-rank run, loaded machine included
+FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out_dir: Path) -> tuple[int, str]:
+    """Runs `dist_worker.py SCENARIO OUT_DIR` on 2 ranks."""
+    return torchrun([str(WORKER), scenario, str(out_dir)])
+
+
+def torchrun(args: list[str]) -> tuple[int, str]:
+    """`torchrun --nproc_per_node 2 ARGS`: exit code and output; kills the group on timeout."""
+    port = str(_free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", port, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"2-rank run {args} did not end within {LAUNCH_TIMEOUT_S}s:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("dist_train")
+    rc, out = launch("train", out_dir)
+    assert rc == 0, f"2-rank run failed (exit {rc}):\n{out[-6000:]}"
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, dict]:
+    """The worker's steps in one process on the whole global batch, per model kind."""
+    out = {}
+    for kind in ("llama", "tiny"):
+        model = W.build(kind)
+        out[kind] = W.train(model, model, slice(None))
+    return out
+
+
+def rank_results(run_dir: Path, case: str) -> list[dict]:
+    return [torch.load(run_dir / f"{case}.rank{r}.pt") for r in (0, 1)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("case", W.CASES)
+def test_first_step_matches_single_process(run_dir, reference, case):
+    ref = reference[case.split("-")[0]]
+    for res in rank_results(run_dir, case):
+        assert abs(res["loss"] - ref["loss"]) / abs(ref["loss"]) < 1e-5
+        assert res["grads"].keys() == ref["grads"].keys()
+        for key, grad in ref["grads"].items():
+            assert grad.abs().sum() > 0, key
+            assert rel_err(res["grads"][key], grad) < 1e-5, key
+
+
+@pytest.mark.parametrize("case", W.CASES)
+def test_three_steps_agree_across_ranks_and_with_single_process(run_dir, reference, case):
+    kind = case.split("-")[0]
+    ref = reference[kind]
+    r0, r1 = rank_results(run_dir, case)
+    initial = W.build(kind).state_dict()
+    assert r0["adapters"].keys() == ref["adapters"].keys()
+    for key, value in ref["adapters"].items():
+        assert torch.equal(r0["adapters"][key], r1["adapters"][key]), key
+        assert rel_err(r0["adapters"][key], value) < 1e-5, key
+        path = key.removeprefix("base_model.model.")
+        assert not torch.equal(value, initial[path]), f"{key} did not train"
+    assert r0["frozen"].keys() == ref["frozen"].keys() and len(r0["frozen"]) > 0
+    for name, value in r0["frozen"].items():
+        assert torch.equal(value, initial[name]), f"frozen {name} changed"
+        assert torch.equal(r1["frozen"][name], initial[name]), f"frozen {name} changed on rank 1"
+
+
+@pytest.mark.parametrize("case", W.CASES)
+def test_only_adapter_gradients_are_communicated(run_dir, case):
+    mode = case.split("-")[1]
+    r0 = rank_results(run_dir, case)[0]
+    adapter_bytes = sum(t.numel() * t.element_size() for t in r0["adapters"].values())
+    assert adapter_bytes < r0["param_bytes"] / 5
+    for records in r0["comm"]:
+        totals = {}
+        for kind, n in records:
+            totals[kind] = totals.get(kind, 0) + n
+        if mode == "fsdp":  # forward + backward all-gather of everything, adapters reduced
+            assert set(totals) == {"all_gather", "reduce_scatter"}
+            assert totals["reduce_scatter"] == adapter_bytes
+            assert totals["all_gather"] == 2 * r0["param_bytes"]
+        else:  # one all-reduce of the adapter bucket (+ DDP's one-time bucket-order broadcast)
+            assert set(totals) <= {"all_reduce", "broadcast"}
+            assert totals["all_reduce"] == adapter_bytes
+            assert totals.get("broadcast", 0) < 1024
+
+
+@pytest.mark.parametrize("case", W.CASES)
+def test_saved_adapter_loads_in_one_process_with_same_logits(run_dir, tmp_path, case):
+    kind = case.split("-")[0]
+    r0 = rank_results(run_dir, case)[0]
+    model = W.build(kind)
+    with torch.no_grad():
+        before = W.logits_of(model, W.eval_ids())
+    assert not torch.allclose(before, r0["logits"], atol=1e-4)
+    load_adapter(model, run_dir / f"adapter_{case}")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            W.logits_of(model, W.eval_ids()), r0["logits"], rtol=1e-5, atol=1e-5
+        )
+    save_adapter(model, tmp_path / "single")  # the same weights, saved by one process
+    for name in FILES:
+        assert (run_dir / f"adapter_{case}" / name).read_bytes() == (
+            tmp_path / "single" / name
+        ).read_bytes()
+
+
+@pytest.mark.parametrize("case", W.CASES)
+def test_iter_merged_weights_gathers_one_tensor_at_a_time(run_dir, reference, case):
+    kind, mode = case.split("-")
+    ref = reference[kind]
+    model = W.build(kind)
+    load_adapter(model, run_dir / f"adapter_{case}")
+    single = dict(iter_merged_weights(model))  # the same adapters, merged in one process
+    sizes = sorted(p.numel() * p.element_size() for p in model.parameters())
+    for res in rank_results(run_dir, case):
+        assert list(res["merged"]) == list(ref["merged"]) == list(single)
+        for name, value in res["merged"].items():
+            assert torch.equal(value, single[name]), name
+            torch.testing.assert_close(value, ref["merged"][name], rtol=1e-5, atol=1e-6)
+        gathers = [n for kind_, n in res["merge_comm"] if kind_ == "all_gather"]
+        assert {k for k, _ in res["merge_comm"]} <= {"all_gather"}
+        if mode == "fsdp":  # every tensor gathered, never more than one tensor per collective
+            assert max(gathers) == sizes[-1] and sum(gathers) >= sum(sizes)
+        else:
+            assert gathers == []
+
+
+@pytest.mark.parametrize("case", W.CASES)
+def test_load_adapter_fills_the_distributed_model(run_dir, case):
+    for res in rank_results(run_dir, case):
+        assert not torch.allclose(res["zeroed_logits"], res["logits"], atol=1e-4)
+        torch.testing.assert_close(res["reloaded_logits"], res["logits"], rtol=0, atol=0)
+
+
+def test_failing_rank_ends_the_run_without_partial_adapter(tmp_path):
+    rc, out = launch("fail", tmp_path)
+    assert rc != 0
+    assert "rank 1 fails on purpose before saving" in out.rpartition("Root Cause")[2]
+    assert list(tmp_path.iterdir()) == [], "a partial adapter was left behind"
+
+
+# ----------------------------------------------------------------------------- the CLI trainer
+
+CONFIG = Path(__file__).parents[1] / "configs" / "lora_new.yaml"
+TRAIN_SETTINGS = (
+    "trainer.steps=2",
+    "trainer.batch_size=4",
+    "trainer.group_size=2",
+    "trainer.progress=false",
+    "trainer.plot=false",
+    "actor.builtin.pretrain_steps=2",
+    "actor.builtin.pretrain_batch_size=8",
+)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("base")
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_cli_train_under_torchrun(tmp_path, base_dir, mode):
+    from lora_runtime.checkpoint import apply_and_load_adapter
+    from lora_runtime.hf_loading import load_model_folder
+
+    out_dir = tmp_path / "run"
+    settings = [*TRAIN_SETTINGS, f"trainer.distributed={mode}", f"trainer.output_dir={out_dir}"]
+    settings.append(f"trainer.base_dir={base_dir}")
+    rc, out = torchrun(
+        [
+            "-m",
+            "lora_runtime.cli",
+            "train",
+            str(CONFIG),
+            *[a for kv in settings for a in ("--set", kv)],
+        ]
+    )
+    assert rc == 0, out[-6000:]
+    assert out.count("run: mode new") == 1, out[-3000:]  # rank 0 alone logs
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [1, 2]  # written once, by rank 0
+    assert all(r["samples_per_s"] > 0 and r["grad_norm"] >= 0 for r in records)
+    written = sorted(p.name for p in out_dir.iterdir())
+    assert written == ["adapter", "config.yaml", "metrics.jsonl", "summary.json"]
+    (base,) = base_dir.iterdir()
+    model = apply_and_load_adapter(load_model_folder(str(base)), out_dir / "adapter")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps_run"] == 2 and summary["lora_layers"] == len(
+        list(iter_lora_layers(model))
+    )
+
+
+def test_train_with_distributed_mode_needs_torchrun(tmp_path, monkeypatch):
+    from lora_runtime.config import load_config
+    from lora_runtime.outputs import UsageError
+    from lora_runtime.trainer import train
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    overrides = ["trainer.distributed=ddp", f"trainer.output_dir={tmp_path / 'run'}"]
+    cfg = load_config(str(CONFIG), overrides)
+    with pytest.raises(UsageError, match=r"trainer.distributed='ddp'.*torchrun"):
+        train(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    """A 1-rank gloo group in this process, for argument checks that need one."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    dist.destroy_process_group()
+
+
+def test_find_blocks_picks_decoder_layers_and_model_lists():
+    from lora_runtime.config import BuiltinActorConfig
+    from lora_runtime.models.vla import build_tiny_vla
+
+    assert [p for p, _ in distributed.find_blocks(W.build("llama"))] == [
+        "model.layers.0",
+        "model.layers.1",
+    ]
+    assert [p for p, _ in distributed.find_blocks(W.build("tiny"))] == ["blocks.0", "blocks.1"]
+    vla = build_tiny_vla(BuiltinActorConfig())
+    expected = [f"vision.blocks.{i}" for i in range(len(vla.vision.blocks))]
+    expected += [f"language_model.layers.{i}" for i in range(len(vla.language_model.layers))]
+    assert [p for p, _ in distributed.find_blocks(vla)] == expected and len(expected) >= 4
+    assert [p for p, _ in distributed.find_blocks(W.build("tiny"), block_types=[W.TinyBlock])] == [
+        "blocks.0",
+        "blocks.1",
+    ]
+
+
+@pytest.mark.parametrize("block_types", [["LoRALinear"], [nn.Linear]])
+def test_find_blocks_refuses_to_split_a_lora_layer(block_types):
+    with pytest.raises(ValueError, match="inside a LoRALinear"):
+        distributed.find_blocks(W.build("tiny"), block_types=block_types)
+
+
+def test_shard_actor_needs_a_process_group():
+    model = W.build("tiny")
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        distributed.shard_actor(model)
+    assert not distributed.is_sharded(model)
+
+
+@pytest.mark.usefixtures("single_rank_group")
+def test_shard_and_replicate_refuse_bad_models():
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no repeated block found"):
+        distributed.shard_actor(plain)
+    assert not distributed.is_sharded(plain)
+    frozen = W.build("tiny").requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad"):
+        distributed.replicate_actor(frozen)
+    ddp = distributed.wrap_actor(W.build("tiny"), "ddp")
+    assert isinstance(ddp, nn.parallel.DistributedDataParallel)
+    with pytest.raises(ValueError, match="got a DistributedDataParallel wrapper"):
+        distributed.shard_actor(ddp)
+    model = W.build("tiny")
+    distributed.shard_actor(model)
+    assert distributed.is_sharded(model)
+    with pytest.raises(ValueError, match="already sharded"):
+        distributed.shard_actor(model)
+    with pytest.raises(ValueError, match="already sharded"):
+        distributed.replicate_actor(model)
+
+
+def test_wrap_actor_modes():
+    model = W.build("tiny")
+    assert distributed.wrap_actor(model, "none") is model
+    with pytest.raises(
+        ValueError, match=r"trainer.distributed='zero3'; allowed \['none', 'fsdp', 'ddp'\]"
+    ):
+        distributed.wrap_actor(model, "zero3")
+    assert not distributed.is_sharded(model)
+
+
+def test_init_distributed_outside_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        distributed.init_distributed()
+    with pytest.raises(ValueError, match="backend='mpi'"):
+        distributed.init_distributed(backend="mpi")
+    assert not dist.is_initialized()
+
+
+def test_rank_slice_and_metrics_in_one_process():
+    assert distributed.rank_slice(4, rank=1, world_size=2) == slice(2, 4)
+    assert distributed.rank_slice(3) == slice(0, 3)
+    with pytest.raises(ValueError, match="5 items cannot be split evenly over world_size=2"):
+        distributed.rank_slice(5, rank=0, world_size=2)
+    assert distributed.reduce_metrics({"loss": torch.tensor(2.5), "n": 3}) == {
+        "loss": 2.5,
+        "n": 3.0,
+    }
+    with pytest.raises(ValueError, match="op='median'"):
+        distributed.reduce_metrics({"loss": 1.0}, op="median")
+
+
+def test_copy_full_and_full_tensor_on_plain_tensors():
+    t = torch.zeros(2, 3)
+    assert distributed.full_tensor(t) is t
+    distributed.copy_full_(t, torch.ones(2, 3))
+    assert torch.equal(t, torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"source shape \[3, 2\] != parameter shape \[2, 3\]"):
+        distributed.copy_full_(t, torch.zeros(3, 2))
+    assert torch.equal(t, torch.ones(2, 3))
+
+
+def test_builds_are_identical_and_adapters_non_zero():
+    a, b = W.build("tiny"), W.build("tiny")
+    for (_, la), (_, lb) in zip(iter_lora_layers(a), iter_lora_layers(b)):
+        assert torch.equal(la.lora_B.weight, lb.lora_B.weight) and la.lora_B.weight.abs().sum() > 0
