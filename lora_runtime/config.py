@@ -75,7 +75,7 @@ class ActorModelConfig(_Strict):
         return path
 
     @model_validator(mode="after")
-    def _lora_path_needs_lora(self) -> "ActorModelConfig":
+    def _lora_path_needs_lora(self) -> ActorModelConfig:
         if not self.is_lora and self.lora_path is not None:
             raise ValueError(
                 f"is_lora is false (full fine-tuning) but lora_path={self.lora_path!r} is set: "
@@ -92,9 +92,12 @@ class ActorModelConfig(_Strict):
 
 
 class BuiltinActorConfig(_Strict):
-    """The `actor.builtin` section: sizes of the built-in vision-language-action actor.
+    """The `actor.builtin` section: the built-in vision-language-action actor.
 
-    Used when `actor.model.model_path` is null. `seed` fixes the deterministic base weights.
+    Used when `actor.model.model_path` is null. The base weights are deterministic: `seed`
+    draws the initial weights, then `pretrain_steps` supervised steps teach the base to
+    answer "where is <colour>?" in number words (see `lora_runtime.pretrain`); it never
+    sees the action tokens as answers, so RL starts at chance reward.
     """
 
     image_size: StrictInt = Field(16, ge=4)
@@ -105,15 +108,18 @@ class BuiltinActorConfig(_Strict):
     vision_mlp_dim: StrictInt = Field(128, ge=8)
     pool_latents: StrictInt = Field(1, ge=1)
     text_dim: StrictInt = Field(64, ge=8)
-    text_layers: StrictInt = Field(2, ge=1)
+    text_layers: StrictInt = Field(3, ge=1)
     text_heads: StrictInt = Field(4, ge=1)
     text_mlp_dim: StrictInt = Field(128, ge=8)
     vocab_size: StrictInt = Field(32, ge=4)
     max_text_len: StrictInt = Field(16, ge=2)
     seed: StrictInt = 0
+    pretrain_steps: StrictInt = Field(600, ge=0)
+    pretrain_batch_size: StrictInt = Field(128, ge=1)
+    pretrain_lr: float = Field(3e-3, gt=0.0)
 
     @model_validator(mode="after")
-    def _shapes_fit(self) -> "BuiltinActorConfig":
+    def _shapes_fit(self) -> BuiltinActorConfig:
         problems = []
         if self.image_size % self.patch_size:
             problems.append(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
@@ -148,7 +154,7 @@ class TaskConfig(_Strict):
     noise: float = Field(0.05, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
-    def _objects_fit(self) -> "TaskConfig":
+    def _objects_fit(self) -> TaskConfig:
         if self.num_objects > self.num_colors:
             raise ValueError(
                 f"num_objects={self.num_objects} > num_colors={self.num_colors}: "
@@ -168,6 +174,8 @@ class TrainerConfig(_Strict):
     batch_size: StrictInt = Field(16, ge=1)
     group_size: StrictInt = Field(8, ge=2)
     lr: float = Field(3e-3, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     clip_eps: float = Field(0.2, gt=0.0)
     kl_coef: float = Field(0.0, ge=0.0)
@@ -177,6 +185,7 @@ class TrainerConfig(_Strict):
     seed: StrictInt = 0
     compile: StrictBool = False
     device: str = "cpu"
+    num_threads: StrictInt | None = Field(None, ge=1)
     distributed: Literal["none", "fsdp", "ddp"] = "none"
     save_every: StrictInt = Field(0, ge=0)
     resume_train_state: StrictBool = True
