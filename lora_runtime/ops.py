@@ -84,9 +84,9 @@ if extension_loaded():
         return tuple(grad.new_empty(s if need else (0,)) for s, need in zip(shapes, mask))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, lora_a, lora_b, scaling, lora_input = inputs
+        x, weight, _bias, lora_a, lora_b, scaling, lora_input = inputs
         _, h = output
-        need_x, need_w, _, need_a, need_b, _ = ctx.needs_input_grad[:6]
+        _, need_w, _, need_a, need_b, _ = ctx.needs_input_grad[:6]
         separate = lora_input is not None
         keep_x = need_w or (need_a and not separate)
         ctx.scaling = scaling

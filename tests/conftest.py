@@ -39,6 +39,46 @@ def randomize_lora(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> 
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def make_patched_model(kind: str, dtype: torch.dtype = torch.float32, std: float = 0.05):
+    """A patched model with non-zero adapters: the 1-layer tiny Llama ("llama"), or a model
+    made only of the runtime's layers ("layers": LoRALinear -> GELU -> LoRALinear)."""
+    from torch import nn
+
+    from lora_runtime.layer import LoRALinear
+    from lora_runtime.registry import apply_lora
+
+    if kind == "llama":
+        model = apply_lora(make_tiny_llama(layers=1), 4, alpha=8)
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            LoRALinear(nn.Linear(32, 64), 4, lora_alpha=8), nn.GELU(),
+            LoRALinear(nn.Linear(64, 48, bias=False), 4, lora_alpha=8),
+        )
+    randomize_lora(model, std=std)
+    return model.to(dtype).eval()
+
+
+def snapshot_files(folder) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast and does not fight other processes for cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

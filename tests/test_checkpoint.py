@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -13,9 +12,9 @@ import time
 
 import pytest
 import torch
+from conftest import make_tiny_llama, randomize_lora
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_llama, randomize_lora
 from lora_runtime.checkpoint import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -25,7 +24,12 @@ from lora_runtime.checkpoint import (
     save_adapter,
 )
 from lora_runtime.config import ActorModelConfig
-from lora_runtime.registry import apply_lora, iter_lora_layers, mark_only_lora_trainable, prepare_actor
+from lora_runtime.registry import (
+    apply_lora,
+    iter_lora_layers,
+    mark_only_lora_trainable,
+    prepare_actor,
+)
 
 
 def rel(a, b):

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import snapshot_files
 from tiny_runs import tiny_raw, write_yaml
 
 from lora_runtime.actor import ensure_builtin_base
@@ -21,23 +22,7 @@ from lora_runtime.config import validate_config
 from lora_runtime.hf_loading import load_model_folder
 from lora_runtime.outputs import read_metrics
 
-
-def snapshot(folder) -> dict[str, bytes]:
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +113,9 @@ def test_unwritable_output_dir(tmp_path, base_dir, capsys):
 
 def test_existing_results_untouched(trained, capsys):
     config, out = trained
-    before = snapshot(out)
+    before = snapshot_files(out)
     assert_usage_error(capsys, ["train", config], "already holds the results", "trainer.overwrite=true")
-    assert snapshot(out) == before
+    assert snapshot_files(out) == before
 
 
 def test_inspect_shows_mode_modules_and_counts(tmp_path, trained, capsys):
@@ -163,10 +148,10 @@ def test_merge_writes_a_model_folder_equal_to_base_plus_adapter(tmp_path, traine
     pixels, ids = torch.rand(3, 3, 8, 8, generator=gen), torch.randint(0, 24, (3, 4), generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(merged(pixels, ids), patched(pixels, ids), rtol=1e-5, atol=1e-5)
-    before = snapshot(tmp_path / "merged")
+    before = snapshot_files(tmp_path / "merged")
     assert_usage_error(capsys, ["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged"), config],
                        "already exists and is not an empty folder")
-    assert snapshot(tmp_path / "merged") == before
+    assert snapshot_files(tmp_path / "merged") == before
     assert_usage_error(capsys, ["merge", "--adapter", str(tmp_path), "--out", str(tmp_path / "m2"), config],
                        "merge --adapter", "adapter_config.json")
     assert not (tmp_path / "m2").exists()

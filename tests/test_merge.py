@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama, randomize_lora
+from conftest import make_patched_model
 from torch import nn
 
 from lora_runtime.compile import adapter_disabled
@@ -20,17 +20,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def make_model(kind: str, dtype: torch.dtype = torch.float32, std: float = 0.05) -> nn.Module:
-    """A patched model with non-zero adapters: the tiny Llama, or LoRALinear layers only."""
-    if kind == "llama":
-        model = apply_lora(make_tiny_llama(layers=1), 4, alpha=8)
-    else:
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            LoRALinear(nn.Linear(32, 64), 4, lora_alpha=8), nn.GELU(),
-            LoRALinear(nn.Linear(64, 48, bias=False), 4, lora_alpha=8),
-        )
-    randomize_lora(model, std=std)
-    return model.to(dtype).eval()
+    return make_patched_model(kind, dtype, std)
 
 
 def make_input(kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -154,12 +154,18 @@ def test_only_required_gradients_and_thin_saved_tensors():
 
 def test_compile_fullgraph_matches_eager():
     x, w, b, a, bb = sample_inputs((2, 6), 32, 24, 4)
+    compiled = torch.compile(
+        lambda x, a, bb: lora_linear(x, w, b, a, bb, 0.5), fullgraph=True, backend="aot_eager"
+    )
     leaves = [t.clone().requires_grad_(True) for t in (x, a, bb)]
-    compiled = torch.compile(lambda x, a, bb: lora_linear(x, w, b, a, bb, 0.5), fullgraph=True, backend="aot_eager")
     y = compiled(*leaves)
     y.square().sum().backward()
-    y_ref, grads_ref = run(lora_linear_reference, [t.double() for t in (x, w, b, a, bb)], 0.5)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, a, bb)]
+    y_ref = lora_linear_reference(ref_leaves[0], w.double(), b.double(), ref_leaves[1], ref_leaves[2], 0.5)
+    y_ref.square().sum().backward()
     assert rel_err(y, y_ref) < 1e-5
+    for leaf, ref in zip(leaves, ref_leaves):
+        assert rel_err(leaf.grad, ref.grad) < 1e-5
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import LLAMA_LINEARS, make_tiny_llama, randomize_lora
 from torch import nn
 
-from conftest import LLAMA_LINEARS, make_tiny_llama, randomize_lora
 from lora_runtime.config import DEFAULT_TARGETS, ActorModelConfig
 from lora_runtime.layer import LoRALinear
 from lora_runtime.registry import (

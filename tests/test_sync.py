@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import make_tiny_llama, randomize_lora
+from conftest import make_patched_model, make_tiny_llama
 from torch import nn
 
 from lora_runtime.checkpoint import PEFT_PREFIX
@@ -20,17 +20,7 @@ from lora_runtime.sync import adapter_state_dict, iter_merged_weights
 
 
 def make_model(kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A patched model with non-zero adapters: the tiny Llama, or LoRALinear layers only."""
-    if kind == "llama":
-        model = apply_lora(make_tiny_llama(layers=1), 4, alpha=8)
-    else:
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            LoRALinear(nn.Linear(32, 64), 4, lora_alpha=8), nn.GELU(),
-            LoRALinear(nn.Linear(64, 48, bias=False), 4, lora_alpha=8),
-        )
-    randomize_lora(model, std=0.05)
-    return model.to(dtype).eval()
+    return make_patched_model(kind, dtype)
 
 
 def snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:

@@ -10,14 +10,7 @@ from lora_runtime.models.vla import build_tiny_vla
 from lora_runtime.pretrain import clear_action_rows, pretrain_base, where_batch
 from lora_runtime.task import BACKGROUND, PALETTE, ReachTask, TokenLayout
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast and does not fight other processes for cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_task(grid: int = 4, objects: int = 3, colors: int = 4, noise: float = 0.0, image: int = 16, vocab: int = 32):

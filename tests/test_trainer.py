@@ -10,6 +10,7 @@ import signal
 
 import pytest
 import torch
+from conftest import snapshot_files
 from safetensors.torch import load_file
 from tiny_runs import tiny_raw
 
@@ -33,23 +34,9 @@ def run(raw, **kwargs):
     return train(validate_config(raw), log=quiet, **kwargs)
 
 
-def snapshot(folder) -> dict[str, bytes]:
-    """Every file under `folder` with its bytes."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +165,12 @@ def test_ctrl_c_saves_a_last_checkpoint(tmp_path, base_dir):
 def test_existing_results_are_not_overwritten(tmp_path, base_dir):
     out = tmp_path / "run"
     run(tiny_raw(out, base_dir, steps=2))
-    before = snapshot(out)
+    before = snapshot_files(out)
     with pytest.raises(UsageError, match=r"trainer.output_dir='.*run' already holds the results of a run .*trainer.overwrite=true"):
         run(tiny_raw(out, base_dir, steps=2, seed=3))
-    assert snapshot(out) == before
+    assert snapshot_files(out) == before
     run(tiny_raw(out, base_dir, steps=2, seed=3, overwrite=True))
-    assert snapshot(out)["metrics.jsonl"] != before["metrics.jsonl"]
+    assert snapshot_files(out)["metrics.jsonl"] != before["metrics.jsonl"]
 
 
 def test_missing_adapter_is_named_and_nothing_is_written(tmp_path, base_dir):
