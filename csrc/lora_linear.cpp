@@ -84,10 +84,18 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(
   const at::Tensor xl2 =
       (lora_input.has_value() && lora_input->defined()) ? lora_input->reshape({-1, in}) : x2;
   at::Tensor h = at::mm(xl2, lora_a.t());  // [N, r]
-  at::Tensor y = (bias.has_value() && bias->defined())
-                     ? at::addmm(*bias, x2, weight.t())  // [N, out], bias fused in
-                     : at::mm(x2, weight.t());
-  y.addmm_(h, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);  // y += s * h @ B.T, in place
+  at::Tensor y;                            // [N, out]
+  if (bias.has_value() && bias->defined()) {
+    y = at::addmm(*bias, x2, weight.t());              // bias fused into the base GEMM
+    y.addmm_(h, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);  // y += s * h @ B.T
+  } else {
+    // The rank-r product writes y first (beta=0: y is not read, s folded into alpha);
+    // the base GEMM then accumulates into it, reading y inside its compute-bound
+    // kernel instead of in a separate read-modify-write pass over [N, out].
+    y = at::empty({x2.size(0), weight.size(0)}, x2.options());
+    y.addmm_(h, lora_b.t(), /*beta=*/0, /*alpha=*/scaling);  // y = s * h @ B.T
+    y.addmm_(x2, weight.t());                                // y += x @ W.T
+  }
   return {y.view(with_last(x.sizes(), weight.size(0))), h.view(with_last(x.sizes(), lora_a.size(0)))};
 }
 
@@ -124,30 +132,41 @@ lora_linear_bwd(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
   const auto empty = [&] { return at::empty({0}, grad.options()); };
   at::Tensor dx = empty(), dw = empty(), db = empty(), da = empty(), dlb = empty(), dli = empty();
 
+  // The scale s is folded into each GEMM's alpha (beta=0: the fresh output is not read),
+  // so no separate pass multiplies by s. The two rank-r products that read g run back to
+  // back, while g is still in cache.
   const bool need_gb = need_a || need_li || (need_x && !separate_lora_input);
-  at::Tensor gb_s;  // s * g @ B : [N, r]
-  if (need_gb) gb_s = at::mm(g2, lora_b).mul_(scaling);
-
+  at::Tensor gb;  // g @ B : [N, r], unscaled
+  if (need_gb) gb = at::mm(g2, lora_b);
+  if (need_lb) {
+    const at::Tensor h2 = h->reshape({-1, lora_a.size(0)});  // [N, r]
+    dlb = at::empty({out, lora_a.size(0)}, grad.options());
+    dlb.addmm_(g2.t(), h2, /*beta=*/0, /*alpha=*/scaling);  // [out, r] = s * g.T @ h
+  }
   if (need_x) {
-    dx = at::mm(g2, weight);  // [N, in]
-    if (!separate_lora_input) dx.addmm_(gb_s, lora_a);  // += s * (g @ B) @ A, in place
+    dx = at::empty({g2.size(0), in}, grad.options());
+    if (!separate_lora_input) {
+      dx.addmm_(gb, lora_a, /*beta=*/0, /*alpha=*/scaling);  // s * (g @ B) @ A
+      dx.addmm_(g2, weight);                                  // += g @ W, accumulated in the GEMM
+    } else {
+      at::mm_out(dx, g2, weight);  // [N, in]
+    }
     dx = dx.view(with_last(grad.sizes(), in));
   }
   if (need_li) {
     TORCH_CHECK(separate_lora_input, "lora_linear_bwd: dlora_input asked without lora_input");
-    dli = at::mm(gb_s, lora_a).view(with_last(grad.sizes(), in));  // [..., in]
+    dli = at::empty({g2.size(0), in}, grad.options());
+    dli.addmm_(gb, lora_a, /*beta=*/0, /*alpha=*/scaling);  // [N, in] = s * (g @ B) @ A
+    dli = dli.view(with_last(grad.sizes(), in));
   }
   if (need_a || need_w) {
     const at::Tensor x2 = need_x_input ? x->reshape({-1, in}) : at::Tensor();
     if (need_a) {
       const at::Tensor xl2 = separate_lora_input ? lora_input->reshape({-1, in}) : x2;
-      da = at::mm(gb_s.t(), xl2);  // [r, in]
+      da = at::empty({lora_a.size(0), in}, grad.options());
+      da.addmm_(gb.t(), xl2, /*beta=*/0, /*alpha=*/scaling);  // [r, in] = s * (g @ B).T @ x
     }
     if (need_w) dw = at::mm(g2.t(), x2);  // [out, in]
-  }
-  if (need_lb) {
-    const at::Tensor h2 = h->reshape({-1, lora_a.size(0)});  // [N, r]
-    dlb = at::mm(g2.t(), h2).mul_(scaling);                 // [out, r]
   }
   if (need_b) db = g2.sum(0);  // [out]
   return {dx, dw, db, da, dlb, dli};
