@@ -157,15 +157,17 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
 
     Args:
         model: a patched model.
-        merge: fold `scaling * B @ A` into the base weight (computed in float32, cast to
-            the weight's dtype); False drops the adapters and keeps the base weights.
+        merge: fold `scaling * B @ A` into the base weight (`merge.merge_lora`: summed in
+            float32, float64 for float64 weights, rounded once); False drops the adapters
+            and keeps the base weights.
 
     Returns:
         `model`, unpatched.
 
     Raises:
         RuntimeError: a layer is currently merged by `merged(...)` (leave that first).
-        ValueError: `merge=True` and an adapter holds non-finite values (nothing changed).
+        ValueError / MergeError: `merge=True` and `merge_lora` refuses (non-finite adapter,
+            adapters disabled, tied base weight); nothing is changed.
     """
     layers = list(iter_lora_layers(model))
     for name, layer in layers:
@@ -173,18 +175,12 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
             raise RuntimeError(
                 f"remove_lora: layer '{name}' is merged by merged(...); leave that context first"
             )
-        if merge:
-            for key, p in (("lora_A", layer.lora_A.weight), ("lora_B", layer.lora_B.weight)):
-                if not torch.isfinite(p).all():
-                    raise ValueError(f"remove_lora: {name}.{key}.weight has non-finite values")
-    if merge:
-        from lora_runtime.merge import merged_weight  # merge builds on this module
+    if merge and layers:
+        from lora_runtime.merge import merge_lora  # merge builds on this module
 
+        return merge_lora(model)  # checks everything, merges, then calls merge=False here
     for name, layer in layers:
-        base = layer.base_layer
-        if merge:
-            base.weight.copy_(merged_weight(layer))
-        _set_submodule(unwrap_model(model), name, base)
+        _set_submodule(unwrap_model(model), name, layer.base_layer)
     return model
 
 

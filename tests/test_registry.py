@@ -131,7 +131,7 @@ def test_remove_lora_refuses_non_finite_merge(tiny_llama):
     with torch.no_grad():
         layer.lora_B.weight[0, 0] = float("nan")
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.lora_B.weight has non-finite values"):
+    with pytest.raises(ValueError, match=r"adapter 'model.layers.0.mlp.up_proj.lora_B.weight' has 1 non-finite"):
         remove_lora(tiny_llama, merge=True)
     assert len(list(iter_lora_layers(tiny_llama))) == 15
     after = tiny_llama.state_dict()
