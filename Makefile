@@ -27,7 +27,7 @@ $(VENV)/.deps: $(PY) pyproject.toml
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import lora_runtime as L, sys; ok = L.extension_loaded(); \
-		print('lora_runtime._C loaded:', ok); sys.exit(0 if ok else 1)"
+		print('lora_runtime.ops._C loaded:', ok); sys.exit(0 if ok else 1)"
 	touch $@
 
 install: $(VENV)/.built
@@ -45,4 +45,4 @@ lint: install
 	$(PY) -m ruff check lora_runtime tests bench
 
 clean:
-	rm -rf build *.egg-info lora_runtime/_C*.so
+	rm -rf build *.egg-info lora_runtime/ops/_C*.so

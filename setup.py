@@ -1,4 +1,4 @@
-"""Builds lora_runtime._C from csrc/ (CUDA sources only where torch has CUDA and nvcc).
+"""Builds lora_runtime.ops._C from csrc/ (CUDA sources only where torch has CUDA and nvcc).
 
 Install with `pip install --no-build-isolation -e .` so the build uses the torch that is
 already installed instead of downloading another one. DEBUG=1 builds with -O0 -g.
@@ -23,12 +23,12 @@ def extension():
     cxx.append("-std=c++17")
     if use_cuda:
         return CUDAExtension(
-            "lora_runtime._C",
+            "lora_runtime.ops._C",
             sources + cuda_sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O0", "-g"] if debug else ["-O3"]},
             define_macros=[("LORA_RUNTIME_WITH_CUDA", None)],
         )
-    return CppExtension("lora_runtime._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("lora_runtime.ops._C", sources, extra_compile_args={"cxx": cxx})
 
 
 setup(

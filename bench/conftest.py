@@ -43,8 +43,8 @@ def device(pytestconfig: pytest.Config) -> torch.device:
 @pytest.fixture(scope="session")
 def model_benches(device):
     """One `ModelBench` per model name, built on first use and shared by the session."""
-    from lora_runtime.bench_model import ModelBench
-    from lora_runtime.bench_specs import get_spec
+    from lora_runtime.bench.model import ModelBench
+    from lora_runtime.bench.specs import get_spec
 
     cache: dict = {}
 

@@ -1,5 +1,5 @@
 """Model level: train steps (forward, backward, AdamW) and rollout forwards of the tiny
-Llama and the built-in actor, for every variant of `lora_runtime.bench_model`, and the
+Llama and the built-in actor, for every variant of `lora_runtime.bench.model`, and the
 peak memory of each train-step variant measured in its own process."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from contextlib import ExitStack
 
 import pytest
 
-from lora_runtime.bench_model import (
+from lora_runtime.bench.model import (
     COMPILED,
     ROLLOUT_VARIANTS,
     TRAIN_VARIANTS,
     model_flop_limits,
     warm_compiled,
 )
-from lora_runtime.bench_timing import synced
+from lora_runtime.bench.timing import synced
 
 MODELS = ["tiny-llama", "actor"]
 
@@ -46,7 +46,7 @@ def test_rollout(benchmark, model_benches, device, model, variant):
 @pytest.mark.parametrize("model", MODELS)
 def test_peak_memory(benchmark, device, model, variant):
     """Times the child process (not meaningful) and records its memory in extra_info."""
-    from lora_runtime.bench_memory import run_memory
+    from lora_runtime.bench.memory import run_memory
 
     benchmark.group = f"peak memory {model} (child process time; figures in extra_info)"
     result = benchmark.pedantic(

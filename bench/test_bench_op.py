@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from lora_runtime.bench_op import (
+from lora_runtime.bench.op import (
     OP_DTYPES,
     OP_RANKS,
     OP_SHAPES,
@@ -18,7 +18,7 @@ from lora_runtime.bench_op import (
     op_variants,
     train_flop_limit,
 )
-from lora_runtime.bench_timing import synced
+from lora_runtime.bench.timing import synced
 
 CONFIGS = [
     pytest.param(n, fin, fout, dt, id=f"{dt}-N{n}-{fin}x{fout}")

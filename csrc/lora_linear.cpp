@@ -198,7 +198,7 @@ TORCH_LIBRARY_IMPL(lora_runtime, CUDA, m) {
 
 }  // namespace lora_runtime
 
-// `import lora_runtime._C` loads this library, which runs the registrations above.
+// `import lora_runtime.ops._C` loads this library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);

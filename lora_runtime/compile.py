@@ -1,5 +1,4 @@
-"""The actor under `torch.compile`: `compile_actor` and the reference-policy switch
-`adapter_disabled`.
+"""The actor under `torch.compile`: `compile_actor`.
 
 `compile_actor` returns `torch.compile(model, ...)`. `LoRALinear.forward` is one call of
 the fused op (whose fake kernel works on symbolic shapes) or, with `disable_adapters` /
@@ -13,17 +12,12 @@ symbolic length, and later lengths reuse that graph.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from lora_runtime.merge import MergeError
-from lora_runtime.registry import iter_lora_layers, unwrap_model
-
-__all__ = ["adapter_disabled", "compile_actor"]
+__all__ = ["compile_actor"]
 
 _COMPILE_KWARGS = tuple(
     name for name in inspect.signature(torch.compile).parameters if name != "model"
@@ -68,45 +62,3 @@ def compile_actor(model: nn.Module, **torch_compile_kwargs: Any) -> nn.Module:
             f"allowed: {list(_COMPILE_KWARGS)}"
         )
     return torch.compile(model, **torch_compile_kwargs)
-
-
-@contextmanager
-def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes exactly the base model (reference log-probs).
-
-    Sets `disable_adapters` on every LoRA layer, whose forward is then `base_layer(x)`:
-    outputs are bit-identical to the unpatched model's, no weight is copied or changed.
-    Works eager and compiled (the disabled state compiles once, then is reused). Nesting
-    is allowed; on exit each layer gets back the flag it had at entry.
-
-    Args:
-        model: a patched model (or its `torch.compile` wrapper).
-
-    Yields:
-        `model`.
-
-    Raises:
-        ValueError: the model has no LoRA layer (a full-mode actor has no adapter to
-            disable; use a separate reference model).
-        MergeError: called inside `merged(...)` (the base weights hold the merged sum).
-    """
-    layers = list(iter_lora_layers(unwrap_model(model)))
-    if not layers:
-        raise ValueError(
-            "adapter_disabled: the model has no LoRA layers, so it is already the policy "
-            "itself (full mode?); a reference model must be kept separately"
-        )
-    merged_paths = [path for path, layer in layers if layer.merged]
-    if merged_paths:
-        raise MergeError(
-            f"adapter_disabled: layer '{merged_paths[0]}' is merged by merged(...), so its base "
-            "weight is not the base model's; leave merged(...) first"
-        )
-    previous = [layer.disable_adapters for _, layer in layers]
-    for _, layer in layers:
-        layer.disable_adapters = True
-    try:
-        yield model
-    finally:
-        for (_, layer), flag in zip(layers, previous, strict=True):
-            layer.disable_adapters = flag

@@ -96,7 +96,7 @@ class BuiltinActorConfig(_Strict):
 
     Used when `actor.model.model_path` is null. The base weights are deterministic: `seed`
     draws the initial weights, then `pretrain_steps` supervised steps teach the base to
-    answer "where is <colour>?" in number words (see `lora_runtime.pretrain`); it never
+    answer "where is <colour>?" in number words (see `lora_runtime.rl.pretrain`); it never
     sees the action tokens as answers, so RL starts at chance reward.
     """
 
@@ -141,7 +141,7 @@ class ActorConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """The `task` section: the synthetic reach task (see `lora_runtime.task`).
+    """The `task` section: the synthetic reach task (see `lora_runtime.rl.tasks.reach`).
 
     A `grid x grid` scene holds `num_objects` objects of different colours (out of
     `num_colors`); the instruction names one colour; the action tokens (row, column) must

@@ -30,7 +30,7 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.f
 
 def randomize_lora(model: torch.nn.Module, std: float = 0.05, seed: int = 1) -> None:
     """Draws non-zero lora_A and lora_B so the LoRA path changes the outputs."""
-    from lora_runtime.registry import iter_lora_layers
+    from lora_runtime.adapters import iter_lora_layers
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -44,8 +44,7 @@ def make_patched_model(kind: str, dtype: torch.dtype = torch.float32, std: float
     made only of the runtime's layers ("layers": LoRALinear -> GELU -> LoRALinear)."""
     from torch import nn
 
-    from lora_runtime.layer import LoRALinear
-    from lora_runtime.registry import apply_lora
+    from lora_runtime.adapters import LoRALinear, apply_lora
 
     if kind == "llama":
         model = apply_lora(make_tiny_llama(layers=1), 4, alpha=8)

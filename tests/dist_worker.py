@@ -19,11 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from lora_runtime import distributed
-from lora_runtime.checkpoint import adapter_state_dict, load_adapter, save_adapter
-from lora_runtime.distributed_comm import CommCounter
-from lora_runtime.registry import apply_lora, iter_lora_layers, mark_only_lora_trainable
-from lora_runtime.sync import iter_merged_weights
+from lora_runtime import parallel as distributed
+from lora_runtime.adapters import (
+    adapter_state_dict,
+    apply_lora,
+    iter_lora_layers,
+    iter_merged_weights,
+    load_adapter,
+    mark_only_lora_trainable,
+    save_adapter,
+)
+from lora_runtime.parallel.comm import CommCounter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is imported later, in build()
 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # FSDP2 on HF outputs

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_runtime.adapters import LoRALinear, apply_lora, iter_lora_layers
+from lora_runtime.adapters.targets import matches_target
 from lora_runtime.config import DEFAULT_TARGETS, BuiltinActorConfig, ConfigError
-from lora_runtime.hf_loading import load_model_folder, read_model_folder, save_model_folder
-from lora_runtime.layer import LoRALinear
-from lora_runtime.models.vla import MODEL_TYPE, TinyVLA, build_tiny_vla
-from lora_runtime.registry import apply_lora, iter_lora_layers, matches_target
+from lora_runtime.rl.hf_loading import load_model_folder, read_model_folder, save_model_folder
+from lora_runtime.rl.models.vla import MODEL_TYPE, TinyVLA, build_tiny_vla
 
 SIZES = {
     "image_size": 8, "patch_size": 4, "vision_dim": 32, "vision_layers": 2, "vision_heads": 2,

@@ -9,13 +9,13 @@ from contextlib import ExitStack
 import pytest
 import torch
 
-from lora_runtime import bench
-from lora_runtime.bench_model import ModelBench, model_flop_limits
-from lora_runtime.bench_op import OpGroup, forward_flop_limit, op_variants, train_flop_limit
-from lora_runtime.bench_report import check_targets
-from lora_runtime.bench_specs import get_spec
-from lora_runtime.bench_timing import Variant, measure_interleaved
-from lora_runtime.registry import iter_lora_layers
+from lora_runtime.adapters import iter_lora_layers
+from lora_runtime.bench import main as bench
+from lora_runtime.bench.model import ModelBench, model_flop_limits
+from lora_runtime.bench.op import OpGroup, forward_flop_limit, op_variants, train_flop_limit
+from lora_runtime.bench.report import check_targets
+from lora_runtime.bench.specs import get_spec
+from lora_runtime.bench.timing import Variant, measure_interleaved
 
 OP_ROW_KEYS = {
     "dtype", "tokens", "in", "out", "r", "median_s", "fwd_lora_over_base", "fwd_peft_over_base",
@@ -142,7 +142,7 @@ def test_targets_need_figures():
         (["--tokens", "0"], "--tokens='0'"),
         (["--models", "gpt9"], "--models: unknown name 'gpt9'"),
         (["--dtypes", "int8"], "dtype 'int8'"),
-        (["--device", "tpu"], "--device 'tpu'"),
+        (["--device", "tpu"], "--device='tpu': expected cpu, cuda, cuda:N or auto"),
         (["--train-variants", "lora_fast"], "--train-variants: unknown name 'lora_fast'"),
         (["--min-repeats", "9", "--max-repeats", "3"], "--min-repeats <= --max-repeats"),
         (["--memory-parallel", "0"], "--memory-parallel 0"),

@@ -15,21 +15,18 @@ import torch
 from conftest import make_tiny_llama, randomize_lora
 from safetensors.torch import load_file, save_file
 
-from lora_runtime.checkpoint import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
+from lora_runtime.actor import prepare_actor
+from lora_runtime.adapters import (
     AdapterError,
     apply_and_load_adapter,
-    load_adapter,
-    save_adapter,
-)
-from lora_runtime.config import ActorModelConfig
-from lora_runtime.registry import (
     apply_lora,
     iter_lora_layers,
+    load_adapter,
     mark_only_lora_trainable,
-    prepare_actor,
+    save_adapter,
 )
+from lora_runtime.adapters.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lora_runtime.config import ActorModelConfig
 
 
 def rel(a, b):
@@ -253,7 +250,7 @@ def read_adapter(directory):
 def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
     save_adapter(lora_model(r=4, seed=1), tmp_path / "a")
     old_weights, old_cfg = read_adapter(tmp_path / "a")
-    import lora_runtime.checkpoint as ckpt
+    import lora_runtime.adapters.checkpoint as ckpt
 
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -271,8 +268,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from torch import nn
-    from lora_runtime.registry import apply_lora, iter_lora_layers
-    from lora_runtime.checkpoint import save_adapter
+    from lora_runtime.adapters.inject import apply_lora, iter_lora_layers
+    from lora_runtime.adapters.checkpoint import save_adapter
     torch.manual_seed(0)
     model = nn.Module()
     for i in range(8):

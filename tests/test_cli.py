@@ -16,11 +16,11 @@ import yaml
 from conftest import snapshot_files
 from tiny_runs import tiny_raw, write_yaml
 
-from lora_runtime.actor import ensure_builtin_base
 from lora_runtime.cli import main
 from lora_runtime.config import validate_config
-from lora_runtime.hf_loading import load_model_folder
-from lora_runtime.outputs import read_metrics
+from lora_runtime.rl.actor_setup import ensure_builtin_base
+from lora_runtime.rl.hf_loading import load_model_folder
+from lora_runtime.rl.outputs import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,11 +69,6 @@ def test_top_level_and_bench_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
     assert exc.value.code == 0
-
-
-def test_bench_missing_is_a_clear_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "lora_runtime.bench", None)
-    assert_usage_error(capsys, ["bench"], "lora_runtime.bench is not available")
 
 
 def test_train_writes_the_run(trained, capsys):
@@ -135,7 +130,7 @@ def test_inspect_shows_mode_modules_and_counts(tmp_path, trained, capsys):
 
 
 def test_merge_writes_a_model_folder_equal_to_base_plus_adapter(tmp_path, trained, capsys):
-    from lora_runtime.actor import build_actor
+    from lora_runtime.rl.actor_setup import build_actor
 
     config, out = trained
     assert main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0

@@ -16,14 +16,16 @@ from conftest import make_tiny_llama, randomize_lora
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from lora_runtime.compile import adapter_disabled, compile_actor
-from lora_runtime.merge import MergeError, merged
-from lora_runtime.registry import (
+from lora_runtime.adapters import (
+    MergeError,
+    adapter_disabled,
     apply_lora,
     iter_lora_layers,
     mark_only_lora_trainable,
+    merged,
     unwrap_model,
 )
+from lora_runtime.compile import compile_actor
 
 KINDS = ["llama", "mlp"]
 

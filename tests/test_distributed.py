@@ -20,15 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_runtime import distributed
-from lora_runtime.checkpoint import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    load_adapter,
-    save_adapter,
-)
-from lora_runtime.registry import iter_lora_layers
-from lora_runtime.sync import iter_merged_weights
+from lora_runtime import parallel as distributed
+from lora_runtime.adapters import iter_lora_layers, iter_merged_weights, load_adapter, save_adapter
+from lora_runtime.adapters.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 LAUNCH_TIMEOUT_S = 180  # a bound on a whole 2-rank run, loaded machine included
@@ -220,8 +214,8 @@ def base_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_cli_train_under_torchrun(tmp_path, base_dir, mode):
-    from lora_runtime.checkpoint import apply_and_load_adapter
-    from lora_runtime.hf_loading import load_model_folder
+    from lora_runtime.adapters import apply_and_load_adapter
+    from lora_runtime.rl.hf_loading import load_model_folder
 
     out_dir = tmp_path / "run"
     settings = [*TRAIN_SETTINGS, f"trainer.distributed={mode}", f"trainer.output_dir={out_dir}"]
@@ -253,8 +247,8 @@ def test_cli_train_under_torchrun(tmp_path, base_dir, mode):
 
 def test_train_with_distributed_mode_needs_torchrun(tmp_path, monkeypatch):
     from lora_runtime.config import load_config
-    from lora_runtime.outputs import UsageError
-    from lora_runtime.trainer import train
+    from lora_runtime.rl.outputs import UsageError
+    from lora_runtime.rl.trainer import train
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
@@ -280,7 +274,7 @@ def single_rank_group(tmp_path):
 
 def test_find_blocks_picks_decoder_layers_and_model_lists():
     from lora_runtime.config import BuiltinActorConfig
-    from lora_runtime.models.vla import build_tiny_vla
+    from lora_runtime.rl.models.vla import build_tiny_vla
 
     assert [p for p, _ in distributed.find_blocks(W.build("llama"))] == [
         "model.layers.0",

@@ -12,8 +12,7 @@ from torch import nn
 from torch.export import Dim
 
 from lora_runtime import extension_loaded
-from lora_runtime.merge import merge_lora
-from lora_runtime.registry import apply_lora
+from lora_runtime.adapters import apply_lora, merge_lora
 
 pytestmark = pytest.mark.skipif(
     not extension_loaded(), reason="the fused op exists only with the compiled extension"

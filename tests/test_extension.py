@@ -10,7 +10,7 @@ import lora_runtime
 
 
 def test_extension_is_loaded():
-    assert lora_runtime.extension_loaded(), lora_runtime._extension.extension_error()
+    assert lora_runtime.extension_loaded(), lora_runtime.ops._extension.extension_error()
     import torch
 
     assert hasattr(torch.ops.lora_runtime, "lora_linear")
@@ -19,13 +19,14 @@ def test_extension_is_loaded():
 FALLBACK = textwrap.dedent(
     """
     import sys, warnings
-    sys.modules["lora_runtime._C"] = None  # makes `from lora_runtime import _C` fail
+    sys.modules["lora_runtime.ops._C"] = None  # makes `from lora_runtime.ops import _C` fail
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import lora_runtime
+        import lora_runtime.ops  # the package loads the extension on first use
     import torch
     from torch import nn
-    from lora_runtime.layer import LoRALinear
+    from lora_runtime.adapters.layer import LoRALinear
     assert not lora_runtime.extension_loaded()
     assert sum("pure-PyTorch reference path" in str(w.message) for w in caught) == 1
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_runtime.layer import LoRALinear
-from lora_runtime.reference import lora_linear_reference
+from lora_runtime.adapters import LoRALinear
+from lora_runtime.ops.reference import lora_linear_reference
 
 
 def make_layer(d_in=64, d_out=48, r=8, **kw):
@@ -114,7 +114,7 @@ def test_float32_adapters_on_bfloat16_base():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        ({"r": 0}, r"r=0 does not fit a Linear\(64, 48\): allowed 1 <= r <= min\(in, out\) = 48"),
+        ({"r": 0}, r"r=0 does not fit Linear\(64, 48\): allowed 1 <= r <= min\(in, out\) = 48"),
         ({"r": 49}, r"r=49 does not fit"),
         ({"r": 4, "lora_dropout": 1.0}, r"lora_dropout=1.0: allowed 0 <= p < 1"),
         ({"r": 4, "init": "xavier"}, r"init='xavier': allowed \['gaussian', 'kaiming'\]"),

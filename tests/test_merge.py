@@ -11,10 +11,17 @@ import torch
 from conftest import make_patched_model
 from torch import nn
 
-from lora_runtime.compile import adapter_disabled
-from lora_runtime.layer import LoRALinear
-from lora_runtime.merge import MergeError, merge_lora, merged, merged_weight
-from lora_runtime.registry import apply_lora, iter_lora_layers, remove_lora
+from lora_runtime.adapters import (
+    LoRALinear,
+    MergeError,
+    adapter_disabled,
+    apply_lora,
+    iter_lora_layers,
+    merge_lora,
+    merged,
+    merged_weight,
+    remove_lora,
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -7,7 +7,7 @@ import torch
 
 import lora_runtime
 from lora_runtime.ops import lora_linear
-from lora_runtime.reference import lora_linear_reference
+from lora_runtime.ops.reference import lora_linear_reference
 
 pytestmark = pytest.mark.skipif(
     not lora_runtime.extension_loaded(), reason="needs the compiled extension"

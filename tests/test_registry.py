@@ -9,16 +9,16 @@ import torch
 from conftest import LLAMA_LINEARS, make_tiny_llama, randomize_lora
 from torch import nn
 
-from lora_runtime.config import DEFAULT_TARGETS, ActorModelConfig
-from lora_runtime.layer import LoRALinear
-from lora_runtime.registry import (
+from lora_runtime.actor import prepare_actor
+from lora_runtime.adapters import (
+    LoRALinear,
     apply_lora,
     iter_lora_layers,
-    matches_target,
-    prepare_actor,
     remove_lora,
     trainable_summary,
 )
+from lora_runtime.adapters.targets import matches_target
+from lora_runtime.config import DEFAULT_TARGETS, ActorModelConfig
 
 
 def test_matching_is_on_dot_boundaries():
@@ -67,7 +67,7 @@ def test_full_mode_patches_nothing_all_trainable(tiny_llama):
 
 def test_trainable_summary_string(tiny_llama):
     apply_lora(tiny_llama, 4, target_modules=["q_proj"])
-    from lora_runtime.registry import mark_only_lora_trainable
+    from lora_runtime.adapters import mark_only_lora_trainable
 
     mark_only_lora_trainable(tiny_llama)
     s = trainable_summary(tiny_llama)
@@ -93,7 +93,7 @@ def test_no_match_lists_targets_and_linears(tiny_llama):
 
 
 def test_rank_too_large_names_module_and_patches_nothing(tiny_llama):
-    with pytest.raises(ValueError, match=r"rank=65 does not fit module 'model.layers.0.self_attn.q_proj' \(Linear\(64, 64\)\)"):
+    with pytest.raises(ValueError, match=r"module .model.layers.0.self_attn.q_proj.: rank r=65 does not fit Linear\(64, 64\)"):
         apply_lora(tiny_llama, 65)
     assert not list(iter_lora_layers(tiny_llama))
 

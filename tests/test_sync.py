@@ -11,12 +11,18 @@ import torch
 from conftest import make_patched_model, make_tiny_llama
 from torch import nn
 
-from lora_runtime.checkpoint import PEFT_PREFIX
-from lora_runtime.compile import adapter_disabled
-from lora_runtime.layer import LoRALinear
-from lora_runtime.merge import MergeError, merge_lora, merged
-from lora_runtime.registry import apply_lora, iter_lora_layers
-from lora_runtime.sync import adapter_state_dict, iter_merged_weights
+from lora_runtime.adapters import (
+    LoRALinear,
+    MergeError,
+    adapter_disabled,
+    adapter_state_dict,
+    apply_lora,
+    iter_lora_layers,
+    iter_merged_weights,
+    merge_lora,
+    merged,
+)
+from lora_runtime.adapters.peft_format import PEFT_PREFIX
 
 
 def make_model(kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lora_runtime.config import BuiltinActorConfig, ConfigError, TaskConfig
-from lora_runtime.models.vla import build_tiny_vla
-from lora_runtime.pretrain import clear_action_rows, pretrain_base, where_batch
-from lora_runtime.task import BACKGROUND, PALETTE, ReachTask, TokenLayout
+from lora_runtime.rl.models.vla import build_tiny_vla
+from lora_runtime.rl.pretrain import clear_action_rows, pretrain_base, where_batch
+from lora_runtime.rl.tasks.reach import BACKGROUND, PALETTE, ReachTask, TokenLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

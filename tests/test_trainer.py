@@ -14,13 +14,13 @@ from conftest import snapshot_files
 from safetensors.torch import load_file
 from tiny_runs import tiny_raw
 
-from lora_runtime.actor import builtin_base_dir, ensure_builtin_base
-from lora_runtime.checkpoint import ADAPTER_WEIGHTS_NAME, AdapterError
+from lora_runtime.adapters import AdapterError, iter_lora_layers
+from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
 from lora_runtime.config import validate_config
-from lora_runtime.hf_loading import load_model_folder
-from lora_runtime.outputs import UsageError, read_metrics
-from lora_runtime.registry import iter_lora_layers
-from lora_runtime.trainer import train
+from lora_runtime.rl.actor_setup import builtin_base_dir, ensure_builtin_base
+from lora_runtime.rl.hf_loading import load_model_folder
+from lora_runtime.rl.outputs import UsageError, read_metrics
+from lora_runtime.rl.trainer import train
 
 METRIC_KEYS = {"step", "reward_mean", "loss", "kl", "step_time_s", "samples_per_s", "chance_reward",
                "pg_loss", "clip_frac", "entropy", "grad_norm", "reward_std", "lr"}
@@ -204,16 +204,16 @@ def test_distributed_needs_a_process_group(tmp_path, base_dir, monkeypatch):
 
 
 def test_compile_uses_compile_actor(tmp_path, base_dir, monkeypatch):
-    import lora_runtime.compile as compile_mod
+    import lora_runtime.rl.trainer as trainer_mod
 
     calls = []
-    original = compile_mod.compile_actor
+    original = trainer_mod.compile_actor
 
     def recording(model, **kwargs):
         calls.append(model)
         return original(model, backend="eager")  # dynamo tracing without the C++ compile
 
-    monkeypatch.setattr(compile_mod, "compile_actor", recording)
+    monkeypatch.setattr(trainer_mod, "compile_actor", recording)
     result = run(tiny_raw(tmp_path / "out", base_dir, steps=2, compile=True))
     assert len(calls) == 1 and calls[0] is result.model
     assert result.summary["compile"] is True and result.summary["steps_run"] == 2
@@ -232,7 +232,7 @@ def test_transformers_causal_lm_trains_on_scene_tokens(tmp_path, base_dir, tiny_
 
 def test_cosine_schedule_runs_from_lr_to_min_ratio():
     from lora_runtime.config import TrainerConfig
-    from lora_runtime.trainer import lr_at
+    from lora_runtime.rl.step import lr_at
 
     cfg = TrainerConfig(steps=11, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1)
     values = [lr_at(cfg, i) for i in range(11)]

@@ -1,0 +1,53 @@
+"""LoRA on any model: the layer, which modules are targets, patching, the PEFT format,
+checkpoints, merging, export and the reference-policy switch.
+
+Modules, bottom up: `layer` (LoRALinear) <- `targets` (matching, the patched layers) <-
+`merge` <- `inject` (apply_lora / remove_lora) <- `trainable`, `peft_format`, `export`,
+`disable` <- `checkpoint` (save / validated load).
+"""
+
+from lora_runtime.adapters.checkpoint import apply_and_load_adapter, load_adapter, save_adapter
+from lora_runtime.adapters.disable import adapter_disabled
+from lora_runtime.adapters.export import adapter_state_dict, iter_merged_weights
+from lora_runtime.adapters.inject import apply_lora, remove_lora
+from lora_runtime.adapters.layer import LoRALinear
+from lora_runtime.adapters.merge import MergeError, MergeStats, merge_lora, merged, merged_weight
+from lora_runtime.adapters.peft_format import (
+    AdapterError,
+    AdapterFiles,
+    read_adapter,
+    read_adapter_config,
+)
+from lora_runtime.adapters.targets import find_targets, iter_lora_layers, unwrap_model
+from lora_runtime.adapters.trainable import (
+    TrainableSummary,
+    mark_only_lora_trainable,
+    trainable_summary,
+)
+
+__all__ = [
+    "AdapterError",
+    "AdapterFiles",
+    "LoRALinear",
+    "MergeError",
+    "MergeStats",
+    "TrainableSummary",
+    "adapter_disabled",
+    "adapter_state_dict",
+    "apply_and_load_adapter",
+    "apply_lora",
+    "find_targets",
+    "iter_lora_layers",
+    "iter_merged_weights",
+    "load_adapter",
+    "mark_only_lora_trainable",
+    "merge_lora",
+    "merged",
+    "merged_weight",
+    "read_adapter",
+    "read_adapter_config",
+    "remove_lora",
+    "save_adapter",
+    "trainable_summary",
+    "unwrap_model",
+]

@@ -1,0 +1,123 @@
+"""`LoRALinear`: an `nn.Linear` with a low-rank adapter, computed by the fused op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_runtime.ops import lora_linear
+
+INIT_METHODS = ("gaussian", "kaiming")
+
+
+def check_rank(r: object, in_features: int, out_features: int, where: str) -> None:
+    """Raises ValueError unless `r` is an int with `1 <= r <= min(in, out)`.
+
+    Args:
+        where: what the message names first (a layer path, or "LoRA rank").
+    """
+    limit = min(in_features, out_features)
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= limit:
+        raise ValueError(
+            f"{where}: rank r={r!r} does not fit Linear({in_features}, {out_features}): "
+            f"allowed 1 <= r <= min(in, out) = {limit}"
+        )
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype delta weights and merges are summed in: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LoRALinear(nn.Module):
+    """Wraps a frozen `nn.Linear` (`base_layer`) and adds `scaling * B @ A` to its weight.
+
+    Parameters, in PEFT's layout and names: `lora_A.weight [r, in]`, `lora_B.weight [out, r]`.
+    The forward is one call of `lora_runtime.lora_linear`; with the adapter disabled or
+    merged it is exactly `base_layer(x)`.
+
+    Args:
+        base_layer: the linear layer to adapt; kept as is (its weight object is not copied).
+        r: adapter rank, `1 <= r <= min(in, out)`.
+        lora_alpha: scale numerator; None means `r` (scaling 1.0).
+        lora_dropout: dropout probability on the LoRA branch input, `0 <= p < 1`.
+        use_rslora: `scaling = lora_alpha / sqrt(r)` instead of `lora_alpha / r`.
+        init: "gaussian" (A ~ N(0, 1/r), B = 0) or "kaiming" (kaiming-uniform A, B = 0).
+
+    Raises:
+        ValueError: a rank out of range, a dropout outside [0, 1), an unknown init.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "gaussian",
+    ) -> None:
+        super().__init__()
+        in_features, out_features = base_layer.in_features, base_layer.out_features
+        check_rank(r, in_features, out_features, "LoRALinear")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={lora_dropout!r}: allowed 0 <= p < 1")
+        if init not in INIT_METHODS:
+            raise ValueError(f"init={init!r}: allowed {list(INIT_METHODS)}")
+        self.base_layer = base_layer
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
+        self.use_rslora = use_rslora
+        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = float(lora_dropout)
+        self.init = init
+        weight = base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
+        self.disable_adapters = False  # True inside adapter_disabled(): exactly the base layer
+        self.merged = False  # True while scaling * B @ A is folded into base_layer.weight
+        self.reset_lora_parameters(init)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init: str = "gaussian") -> None:
+        """Draws A (`"gaussian"`: N(0, std=1/r); `"kaiming"`: kaiming-uniform) and zeroes B."""
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, mean=0.0, std=1.0 / self.r)
+        elif init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            raise ValueError(f"init={init!r}: allowed {list(INIT_METHODS)}")
+        nn.init.zeros_(self.lora_B.weight)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """`scaling * B @ A`, `[out, in]`, in float32 (float64 for a float64 base weight)."""
+        dtype = accumulation_dtype(self.base_layer.weight.dtype)
+        a = self.lora_A.weight.detach().to(dtype)  # [r, in]
+        b = self.lora_B.weight.detach().to(dtype)  # [out, r]
+        return (b @ a) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+        if lora_a.dtype != weight.dtype:  # e.g. float32 adapters on a bfloat16 base
+            lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+        lora_input = None
+        if self.lora_dropout > 0.0 and self.training:
+            lora_input = F.dropout(x, self.lora_dropout, training=True)
+        return lora_linear(
+            x, weight, self.base_layer.bias, lora_a, lora_b, self.scaling, lora_input
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, "
+            f"lora_dropout={self.lora_dropout:g}, use_rslora={self.use_rslora}"
+        )

@@ -1,0 +1,394 @@
+"""Folding adapters into the base weights: `merged(...)` (reversible, bit-exact) and
+`merge_lora(...)` (permanent, for export and deployment).
+
+The merged weight of a layer is `(W + scaling * B @ A)` summed in float32 (float64 for a
+float64 weight) and rounded once to W's dtype (PEFT, merging in bf16, rounds twice).
+
+`merged(model)` must give the original W back bit for bit, yet the merged weight M has
+lost W's low bits wherever rounding moved them. The restore computes the candidate
+`round(M - delta)` (the same delta, from the same adapters) and patches the elements where
+that candidate differs from W, bit pattern against bit pattern (so -0.0 and NaN payloads
+come back too). No full copy of any weight is kept. Per merged layer, while open, it holds:
+
+- a bitmask of the patched elements, `numel / 8` bytes (1/16 of a bf16 weight, 1/32 of a
+  float32 one); none when no element needs patching;
+- the original values of the patched elements, in W's dtype;
+- a copy of lora_A and lora_B, `r * (in + out)` elements (0.8 % of a 4096 x 4096 weight
+  at r = 16), so that an adapter written inside the block cannot spoil the restore.
+
+How many elements need patching grows with `|delta| / |W|` (ties, binade crossings, and
+elements much smaller than their delta). The total is checked against `max_extra_fraction`
+(default 0.5) of the merged weights' bytes as layers are merged; past it, `merged` undoes
+what it merged (exactly) and raises, rather than hold more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from lora_runtime._dist import full_tensor
+from lora_runtime.adapters.layer import LoRALinear, accumulation_dtype
+from lora_runtime.adapters.targets import iter_lora_layers, restore_base_layers, unwrap_model
+
+__all__ = [
+    "MergeError",
+    "MergeStats",
+    "check_mergeable",
+    "merge_lora",
+    "merged",
+    "merged_weight",
+]
+
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class MergeError(RuntimeError):
+    """The adapters' state forbids the call: already merged, disabled, tied to another
+    parameter, written inside `merged`, or an exact restore over the memory limit."""
+
+
+def merged_weight(layer: LoRALinear) -> torch.Tensor:
+    """`W + scaling * B @ A` summed in float32 (float64 for float64 W), cast to W's dtype.
+
+    Args:
+        layer: a LoRA layer; it is not modified.
+
+    Returns:
+        A new tensor `[out, in]` with the base weight's dtype and device.
+    """
+    return _add_delta(layer.base_layer.weight.detach(), layer.get_delta_weight())
+
+
+def _add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`round_to_W_dtype(weight + delta)`, the sum in `accumulation_dtype(weight.dtype)`; a new tensor.
+
+    `delta` (float32 `[out, in]`) is used as the accumulator and overwritten.
+    """
+    acc = delta.to(accumulation_dtype(weight.dtype))  # [out, in]
+    return acc.add_(weight).to(weight.dtype)
+
+
+def _shared_weight_paths(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> list[str]:
+    """Paths of LoRA layers whose base weight is also another parameter (tied weights)."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    tied = []
+    for path, layer in layers:
+        own = f"{path}.base_layer.weight" if path else "base_layer.weight"
+        others = [n for n in owners[id(layer.base_layer.weight)] if n != own]
+        if others:
+            tied.append(f"{path} (tied to {', '.join(others)})")
+    return tied
+
+
+def check_mergeable(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear]]:
+    """Validates that every LoRA layer of `model` can be merged, before anything changes.
+
+    Args:
+        model: a patched model (or its `torch.compile` wrapper).
+        caller: the public function's name, for the messages.
+
+    Returns:
+        The `(path, LoRALinear)` pairs, in module order.
+
+    Raises:
+        ValueError: no LoRA layer, or an adapter with NaN or infinite values (named).
+        MergeError: a layer already merged by `merged(...)`, adapters disabled by
+            `adapter_disabled(...)`, or a base weight tied to another parameter.
+    """
+    model = unwrap_model(model)
+    layers = list(iter_lora_layers(model))
+    if not layers:
+        raise ValueError(f"{caller}: the model has no LoRA layers (apply_lora first)")
+    for path, layer in layers:
+        if layer.merged:
+            raise MergeError(
+                f"{caller}: layer '{path}' is already merged by merged(...); "
+                "nesting is not allowed, leave the outer context first"
+            )
+        if layer.disable_adapters:
+            raise MergeError(
+                f"{caller}: layer '{path}' has its adapter disabled by adapter_disabled(...); "
+                "leave that context first"
+            )
+        for key in ("lora_A", "lora_B"):
+            w = full_tensor(getattr(layer, key).weight.detach())  # every rank sees all shards
+            if not torch.isfinite(w).all():
+                bad = int((~torch.isfinite(w)).sum())
+                raise ValueError(
+                    f"{caller}: adapter '{path}.{key}.weight' has {bad} non-finite "
+                    "(NaN or inf) values; merging needs finite adapters. Nothing was changed"
+                )
+    tied = _shared_weight_paths(model, layers)
+    if tied:
+        raise MergeError(
+            f"{caller}: the base weight of {', '.join(tied)} is shared with another "
+            "parameter; merging would change that one too. Exclude the layer from "
+            "target_modules or untie the weights"
+        )
+    return layers
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every adapter into its base weight for good and puts plain `nn.Linear` back.
+
+    Each weight becomes `merged_weight(layer)`; the adapters are dropped. The result has
+    the base model's module names and `state_dict` keys (no `base_layer`, no `lora_`).
+
+    Args:
+        model: a patched model.
+
+    Returns:
+        `model`, unpatched in place.
+
+    Raises:
+        ValueError: no LoRA layer, or non-finite adapter values (the model is unchanged).
+        MergeError: called inside `merged(...)` or `adapter_disabled(...)`, or on a tied
+            base weight (the model is unchanged).
+    """
+    inner = unwrap_model(model)
+    layers = check_mergeable(inner, "merge_lora")
+    for _, layer in layers:
+        weight = layer.base_layer.weight
+        weight.copy_(merged_weight(layer))
+    restore_base_layers(inner)
+    return model
+
+
+@dataclass
+class MergeStats:
+    """What `merged(...)` holds while open; filled when the weights are merged.
+
+    Attributes:
+        layers: number of merged layers.
+        merged_bytes: bytes of the merged base weights.
+        extra_bytes: bytes held for the exact restore (masks, patched values, adapter copies).
+        patched_elements: elements whose original value is kept.
+        total_elements: elements of the merged base weights.
+    """
+
+    layers: int = 0
+    merged_bytes: int = 0
+    extra_bytes: int = 0
+    patched_elements: int = 0
+    total_elements: int = 0
+
+    @property
+    def extra_fraction(self) -> float:
+        """`extra_bytes / merged_bytes`."""
+        return self.extra_bytes / self.merged_bytes if self.merged_bytes else 0.0
+
+
+@dataclass
+class _Restore:
+    """One merged layer: what the exact restore needs."""
+
+    path: str
+    layer: LoRALinear
+    mask: torch.Tensor | None  # uint8 [ceil(numel / 8)], packed bits of patched elements
+    values: torch.Tensor  # [n_patched], original values, W's dtype
+    lora_a: torch.Tensor  # [r, in], snapshot at entry
+    lora_b: torch.Tensor  # [out, r], snapshot at entry
+    checksum: int  # sum of W's bit patterns, to verify the restore
+    weight_version: int  # W._version right after merging
+    adapter_versions: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        held = [self.values, self.lora_a, self.lora_b]
+        return sum(_nbytes(t) for t in held) + (_nbytes(self.mask) if self.mask is not None else 0)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor as integers of the same width (no copy)."""
+    if t.element_size() not in _INT_VIEW:
+        raise TypeError(f"merged: weight dtype {t.dtype} is not supported (16/32/64-bit floats)")
+    return t.view(_INT_VIEW[t.element_size()])
+
+
+def _sub_delta(merged_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`round_to_W_dtype(merged_w - delta)`: the restore's first guess of W; a new tensor."""
+    acc = merged_w.to(accumulation_dtype(merged_w.dtype), copy=True)  # [out, in]
+    return acc.sub_(delta).to(merged_w.dtype)
+
+
+def _checksum(t: torch.Tensor) -> int:
+    return int(_bits(t).sum(dtype=torch.int64))
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """bool [n] -> uint8 [ceil(n / 8)], 8 flags a byte."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """uint8 [ceil(n / 8)] -> bool `shape`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1  # [n / 8, 8]
+    return bits.reshape(-1)[: shape.numel()].view(shape).bool()
+
+
+def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
+    """Merges one layer in place and returns what restores it bit-exactly."""
+    weight = layer.base_layer.weight  # [out, in]
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    versions = (a._version, b._version)
+    delta = layer.get_delta_weight()  # [out, in] float32
+    merged_w = _add_delta(weight.detach(), delta.clone())  # [out, in], W's dtype
+    candidate = _sub_delta(merged_w, delta)  # what the restore will compute
+    del delta
+    patch = _bits(candidate) != _bits(weight.detach())  # [out, in] bool, bit patterns
+    del candidate
+    n_patched = int(patch.sum())
+    restore = _Restore(
+        path=path,
+        layer=layer,
+        mask=_pack(patch) if n_patched else None,
+        values=weight.detach()[patch],  # [n_patched], a copy
+        lora_a=a.detach().clone(),
+        lora_b=b.detach().clone(),
+        checksum=_checksum(weight.detach()),
+        weight_version=-1,
+        adapter_versions=versions,
+    )
+    del patch
+    weight.copy_(merged_w)
+    restore.weight_version = weight._version
+    layer.merged = True
+    return restore
+
+
+def _restore_layer(item: _Restore) -> list[str]:
+    """Puts the original weight back; returns the problems found (empty when all is well)."""
+    layer, problems = item.layer, []
+    weight = layer.base_layer.weight
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    if (a._version, b._version) != item.adapter_versions:
+        a.copy_(item.lora_a)
+        b.copy_(item.lora_b)
+        problems.append(f"'{item.path}' adapters (restored to their values at entry)")
+    if weight._version != item.weight_version:
+        problems.append(f"'{item.path}.base_layer.weight' (it cannot be restored exactly)")
+    original = _sub_delta(weight.detach(), layer.get_delta_weight())  # [out, in]
+    if item.mask is not None:
+        original[_unpack(item.mask, original.shape)] = item.values
+    weight.copy_(original)
+    layer.merged = False
+    if _checksum(weight.detach()) != item.checksum and not problems:
+        problems.append(f"'{item.path}.base_layer.weight' failed the bit-exact check")
+    return problems
+
+
+def _refuse_steps(restores: list[_Restore]) -> Callable[..., None]:
+    """A global optimizer step pre-hook that raises when a step would touch a merged layer."""
+    guarded = {
+        id(t): item.path
+        for item in restores
+        for t in (item.layer.base_layer.weight, item.layer.lora_A.weight, item.layer.lora_B.weight)
+    }
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in guarded:
+                    raise MergeError(
+                        f"merged: {type(optimizer).__name__}.step() inside merged(...) would "
+                        f"update layer '{guarded[id(p)]}' (adapter or merged base weight); "
+                        "nothing was changed. merged() is for inference: step the optimizer "
+                        "outside it"
+                    )
+
+    return hook
+
+
+@contextmanager
+def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeStats]:
+    """Folds every adapter into its base weight for the duration of the block.
+
+    Inside, each LoRA layer computes `base_layer(x)` with the merged weight: base-model
+    speed for rollouts. On exit every base weight is restored bit-exactly (any dtype) and
+    the adapters are as they were. No full copy of any weight is kept: see the module
+    docstring for what is held; `MergeStats.extra_bytes` reports it.
+
+    Inside the block, `optimizer.step()` of any `torch.optim.Optimizer` that holds an
+    adapter or a merged base weight raises `MergeError` before changing anything. Any
+    other in-place change of an adapter is undone on exit (from the snapshot) and reported
+    with `MergeError`, after the base weights have been restored exactly.
+
+    Args:
+        model: a patched model (or its `torch.compile` wrapper).
+        max_extra_fraction: the most memory the exact restore may hold, as a fraction of
+            the merged weights' bytes; must be > 0.
+
+    Yields:
+        `MergeStats` of this merge.
+
+    Raises:
+        ValueError: no LoRA layer, non-finite adapters, or a bad `max_extra_fraction`
+            (the model is unchanged).
+        MergeError: nested `merged`, inside `adapter_disabled`, a tied base weight, or an
+            exact restore needing `max_extra_fraction` or more (the model is unchanged);
+            inside the block, an optimizer step on the adapters; on exit, an in-place
+            change made inside the block.
+    """
+    limit = max_extra_fraction
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise ValueError(f"merged: max_extra_fraction={limit!r}; allowed: a number > 0")
+    layers = check_mergeable(model, "merged")
+    stats = MergeStats(
+        layers=len(layers),
+        merged_bytes=sum(_nbytes(layer.base_layer.weight) for _, layer in layers),
+        total_elements=sum(layer.base_layer.weight.numel() for _, layer in layers),
+    )
+    done: list[_Restore] = []
+    try:
+        with torch.no_grad():
+            for path, layer in layers:
+                done.append(_merge_layer(path, layer))
+                stats.extra_bytes += done[-1].nbytes
+                stats.patched_elements += done[-1].values.numel()
+                if stats.extra_bytes >= max_extra_fraction * stats.merged_bytes:
+                    raise MergeError(
+                        f"merged: restoring the base weights exactly would hold more than "
+                        f"max_extra_fraction={max_extra_fraction} of the merged weights "
+                        f"({stats.extra_bytes} bytes after {len(done)} of {len(layers)} layers, "
+                        f"merged weights {stats.merged_bytes} bytes): the adapters' deltas are "
+                        "large next to the weights. Nothing was changed; raise "
+                        "max_extra_fraction, or use iter_merged_weights / merge_lora on a copy"
+                    )
+        hook = register_optimizer_step_pre_hook(_refuse_steps(done))
+    except BaseException:
+        with torch.no_grad():
+            for item in reversed(done):
+                _restore_layer(item)
+        raise
+    try:
+        yield stats
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            problems = [p for item in reversed(done) for p in _restore_layer(item)]
+        if problems:
+            raise MergeError(
+                "merged: tensors were modified in place inside merged(...): "
+                + "; ".join(problems) + ". merged() is for inference; write weights outside it"
+            )

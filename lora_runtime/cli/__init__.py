@@ -1,0 +1,121 @@
+"""The `lora-runtime` command (also `python -m lora_runtime`).
+
+    lora-runtime train CONFIG [--set dotted.key=value ...]
+    lora-runtime inspect CONFIG [--set ...]
+    lora-runtime merge --adapter DIR --out DIR [CONFIG] [--set ...]
+    lora-runtime demo [--configs DIR] [--output-root DIR] [--set ...]
+    lora-runtime bench [bench options ...]
+
+Bad input (a config that does not validate, an unknown --set key, a missing adapter or
+model folder, an output folder that holds results or cannot be written) prints one
+paragraph to stderr naming the file or key and what to do, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED, EXIT_USAGE
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+        help="override one config value (YAML syntax), e.g. --set trainer.steps=20; repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-runtime",
+        description="Fused LoRA runtime for RL actors: train, inspect and merge adapters in PEFT's format.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune the actor with GRPO in the config's mode (new / resume / full)",
+                       description="Fine-tune the actor with GRPO on the synthetic reach task. The mode comes "
+                       "from actor.model: is_lora + lora_path null = new adapter, is_lora + lora_path = resume "
+                       "that adapter, is_lora false = full fine-tuning. Outputs go to trainer.output_dir. "
+                       "Ctrl-C saves a last checkpoint and exits with status 130.")
+    p.add_argument("config", metavar="CONFIG", help="the run's YAML file, e.g. configs/lora_new.yaml")
+    _add_set(p)
+
+    p = sub.add_parser("inspect", help="show the mode, the patched modules and parameter counts",
+                       description="Build the actor as `train` would (without training or writing anything) "
+                       "and print the mode, a table of patched modules with shapes and ranks, and parameter counts.")
+    p.add_argument("config", metavar="CONFIG", help="the run's YAML file")
+    _add_set(p)
+
+    p = sub.add_parser("merge", help="fold an adapter into the base weights and write a model folder",
+                       description="Load the base model, apply the adapter, fold it into the weights and write "
+                       "the merged model (safetensors + config.json, Hugging Face layout) to --out. CONFIG says "
+                       "which base; by default the config.yaml a `train` run saved beside the adapter.")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create for the merged model (must not hold files)")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="run YAML naming the base (default: DIR/../config.yaml)")
+    _add_set(p)
+
+    p = sub.add_parser("demo", help="run new -> resume -> full from configs/ and compare them",
+                       description="Train configs/lora_new.yaml, then configs/lora_resume.yaml (resuming the "
+                       "adapter the first run saved), then configs/full.yaml, each in its own process, and "
+                       "print one table comparing them. Results of an earlier demo in the same folders are replaced.")
+    p.add_argument("--configs", default="configs", metavar="DIR", help="folder holding the three YAML files (default: configs)")
+    p.add_argument("--output-root", metavar="DIR", help="write the runs to DIR/lora_new, DIR/lora_resume, DIR/full "
+                   "(default: each config's trainer.output_dir)")
+    _add_set(p)
+
+    p = sub.add_parser("bench", help="benchmark this runtime against PEFT and the base (see `bench --help`)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"lora-runtime: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every later argument (--help included) belongs to bench
+        from lora_runtime.bench.main import main as bench_main  # deferred: start-up time
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+
+    # `--help` and argument errors load no torch:
+    from lora_runtime.adapters import AdapterError  # deferred: start-up time
+    from lora_runtime.config import ConfigError  # deferred: start-up time
+    from lora_runtime.rl.outputs import UsageError  # deferred: start-up time
+
+    try:
+        if args.command == "train":
+            from lora_runtime.cli.commands import run_train  # deferred: start-up time
+
+            return run_train(args.config, args.overrides)
+        if args.command == "inspect":
+            from lora_runtime.cli.commands import run_inspect  # deferred: start-up time
+
+            return run_inspect(args.config, args.overrides)
+        if args.command == "merge":
+            from lora_runtime.cli.commands import run_merge  # deferred: start-up time
+
+            return run_merge(args.adapter, args.out, args.config, args.overrides)
+        from lora_runtime.cli.demo import run_demo  # deferred: start-up time
+
+        return run_demo(args.configs, args.output_root, args.overrides)
+    except (ConfigError, AdapterError, UsageError) as exc:
+        return _fail(str(exc).strip())
+    except KeyboardInterrupt:
+        print("lora-runtime: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""`lora-runtime demo` (`make demo`): new -> resume -> full, then one comparison table.
+
+Each run is `lora-runtime train` in its own process (so each reports its own peak memory)
+with `trainer.overwrite=true`: a demo replaces the results of the previous demo. The
+resume run always points at the adapter the new run just saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lora_runtime.cli.console import print_table
+from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED
+from lora_runtime.config import load_config
+from lora_runtime.rl.outputs import UsageError, read_metrics
+
+RUNS = ("lora_new", "lora_resume", "full")
+
+
+@dataclass
+class DemoRun:
+    name: str
+    config: str
+    overrides: list[str]
+    output_dir: str
+    wall_s: float = 0.0
+
+
+def plan_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str]) -> list[DemoRun]:
+    """The three runs with their overrides; every config is validated before anything runs.
+
+    Raises:
+        UsageError: a config file is missing.
+        ConfigError: a config (with the overrides) does not validate.
+    """
+    runs: list[DemoRun] = []
+    for name in RUNS:
+        path = os.path.join(configs_dir, f"{name}.yaml")
+        if not os.path.isfile(path):
+            raise UsageError(f"demo: {path} is missing; run the demo from the project folder or pass --configs DIR")
+        sets = list(overrides) + ["trainer.overwrite=true"]
+        if output_root is not None:
+            sets.append(f"trainer.output_dir={os.path.join(output_root, name)}")
+        if name == "lora_resume":
+            sets.append(f"actor.model.lora_path={os.path.join(runs[0].output_dir, 'adapter')}")
+        cfg = load_config(path, sets)
+        runs.append(DemoRun(name, path, sets, cfg.trainer.output_dir))
+    return runs
+
+
+def _train(run: DemoRun) -> int:
+    cmd = [sys.executable, "-m", "lora_runtime", "train", run.config]
+    for s in run.overrides:
+        cmd += ["--set", s]
+    print(f"\n=== {run.name}: lora-runtime train {run.config} " + " ".join(f"--set {s}" for s in run.overrides), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save and finish
+        code = proc.wait()
+        code = code if code else EXIT_INTERRUPTED
+    run.wall_s = time.perf_counter() - start
+    return code
+
+
+def run_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str] = ()) -> int:
+    """Runs the three configs in order and prints the comparison; returns the exit status."""
+    runs = plan_demo(configs_dir, output_root, overrides)
+    start = time.perf_counter()
+    for run in runs:
+        code = _train(run)
+        if code != 0:
+            print(f"demo: {run.name} stopped with exit status {code}; later runs skipped", file=sys.stderr)
+            return code
+    print_comparison(runs, time.perf_counter() - start)
+    return 0
+
+
+def print_comparison(runs: Sequence[DemoRun], total_s: float) -> None:
+    """The demo's table, read back from each run's `summary.json` and `metrics.jsonl`."""
+    rows, notes = [], []
+    summaries = {}
+    for run in runs:
+        with open(os.path.join(run.output_dir, "summary.json"), encoding="utf-8") as f:
+            s = json.load(f)
+        summaries[run.name] = s
+        steps = read_metrics(os.path.join(run.output_dir, "metrics.jsonl"))
+        rows.append((
+            run.name, s["mode"], f"{steps[0]['step']}-{steps[-1]['step']}",
+            f"{s['first_reward']:.3f}", f"{s['final_reward']:.3f}",
+            f"{s['trainable_params']:,} / {s['total_params']:,}",
+            f"{s['step_time_s'] * 1000:.0f} ms", f"{s['peak_memory_mb']:.0f} MB",
+            f"{s['training_memory_mb']:.2f} MB", f"{run.wall_s:.0f} s",
+        ))
+    chance = summaries[runs[0].name]["chance_reward"]
+    print()
+    print_table(
+        f"demo: new -> resume -> full (chance reward {chance:.4f}; rewards are means over 5 steps)",
+        ["run", "mode", "steps", "first reward", "final reward", "trainable / total params",
+         "step time", "peak memory", "train state", "wall time"],
+        rows,
+    )
+    new, resume = summaries.get("lora_new"), summaries.get("lora_resume")
+    if new and resume:
+        notes.append(f"resume started at {resume['first_reward']:.3f} (the new run ended at {new['final_reward']:.3f}; "
+                     f"chance is {chance:.4f}) and ended at {resume['final_reward']:.3f}")
+    notes.append(f"peak memory: {summaries[runs[0].name]['peak_memory_kind']} of each run's process; train state: "
+                 "weights + gradients + optimizer state + frozen reference copy (full mode)")
+    notes.append(f"total demo time {total_s:.0f} s; curves in each run's curves.png, per-step numbers in metrics.jsonl")
+    for note in notes:
+        print(note)

@@ -1,0 +1,1 @@
+"""Tasks the RL job trains on: each turns observations into actor inputs and scores actions."""

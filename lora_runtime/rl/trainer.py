@@ -1,0 +1,296 @@
+"""The GRPO trainer: `train(run_cfg)` fine-tunes the actor in its mode and writes the run.
+
+The step itself is `rl.step.rl_step`; this module sets the run up, loops, saves and sums up.
+A front end shows progress through a `Display` (the CLI's draws a progress bar and a table).
+
+`trainer.output_dir` receives `adapter/` (LoRA modes) or `model/` (full mode), the
+training state `train_state/` (optimizer, step, RNG; apart from the weights),
+`metrics.jsonl`, `curves.png`, `summary.json` and the resolved `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lora_runtime import parallel
+from lora_runtime._fs import write_json_atomic, write_text_atomic
+from lora_runtime.adapters import iter_lora_layers, trainable_summary
+from lora_runtime.compile import compile_actor
+from lora_runtime.config import RunConfig, TrainerConfig
+from lora_runtime.rl.actor_setup import base_path, build_actor, logits_fn_for, make_task
+from lora_runtime.rl.outputs import (
+    MetricsWriter,
+    UsageError,
+    check_output_dir,
+    peak_memory_mb,
+    plot_curves,
+)
+from lora_runtime.rl.run_control import Interrupt, catch_sigint, num_threads
+from lora_runtime.rl.step import Reference, lr_at, rl_step
+from lora_runtime.rl.tasks.reach import ReachTask
+from lora_runtime.rl.train_state import (
+    TrainState,
+    find_train_state,
+    load_train_state,
+    save_weights,
+    save_weights_and_state,
+)
+
+__all__ = ["Display", "RunResult", "train"]
+
+SUMMARY_WINDOW = 5  # "first" / "final" reward = mean over this many steps
+
+
+@dataclass
+class RunResult:
+    """What `train` returns: where the run went, its `summary.json` content, the actor."""
+
+    output_dir: str
+    interrupted: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None  # the trained actor (patched in LoRA modes)
+
+
+class Display:
+    """What a front end shows of a run. This base shows nothing (the library default);
+    `trainer.progress: false` or a rank other than 0 gets this one too."""
+
+    def start(self, title: str, total: int, first_step: int) -> None:
+        """Before the first step: `total` steps, numbered from `first_step`."""
+
+    def step(self, done: int, record: dict[str, Any]) -> None:
+        """After each step: `done` steps of this run finished; `record` is its metrics."""
+
+    def stop(self) -> None:
+        """After the last step, or when the run is interrupted or fails."""
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """Once, with the content of `summary.json`."""
+
+
+def check_distributed(cfg: TrainerConfig) -> None:
+    """`trainer.distributed` other than "none" needs an initialised process group."""
+    if cfg.distributed != "none" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise UsageError(
+            f"trainer.distributed={cfg.distributed!r} needs torch.distributed initialised (launch with "
+            "torchrun); set trainer.distributed: none for a single process"
+        )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+@dataclass
+class Session:
+    """Everything one run holds while it trains."""
+
+    run_cfg: RunConfig
+    model: nn.Module
+    forward_model: nn.Module  # `model`, or its torch.compile wrapper
+    task: ReachTask
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    reference: Reference
+    device: torch.device
+    out: str
+    start_step: int = 0
+
+    @property
+    def mode(self) -> str:
+        return self.run_cfg.actor.model.mode
+
+    def save(self, step: int) -> None:
+        if self.run_cfg.trainer.distributed != "none":  # no train_state/: not restored there
+            return save_weights(self.out, self.model, self.mode, self.run_cfg)
+        save_weights_and_state(self.out, self.model, self.mode, self.optimizer, TrainState(step, self.generator), self.run_cfg)
+
+    def training_memory_mb(self) -> float:
+        """Weights, gradients, optimizer state and the frozen reference copy (if any)."""
+        tensors = list(self.model.parameters())
+        tensors += [p for p in self.model.parameters() if p.requires_grad]  # one gradient each
+        tensors += [t for st in self.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        if self.reference.frozen is not None:
+            tensors += list(self.reference.frozen.parameters())
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def train(
+    run_cfg: RunConfig,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    log: Callable[[str], None] = print,
+    display: Display | None = None,
+) -> RunResult:
+    """Runs GRPO on the reach task in the mode of `run_cfg.actor.model` and writes the run.
+
+    Everything that can be wrong with the input (output folder, base model, adapter,
+    training state) is checked before anything is written to `trainer.output_dir`.
+
+    Args:
+        run_cfg: the validated run config.
+        on_step: called with each step's metrics record (after it is written).
+        log: where progress lines go.
+        display: what shows the progress and the summary (None: nothing).
+
+    Returns:
+        The output folder, whether Ctrl-C stopped the run, and the summary.
+
+    Raises:
+        ConfigError: bad `model_path`, or a task that does not fit the model.
+        AdapterError: resume mode without a usable adapter at `lora_path`.
+        UsageError: an output folder holding results (without `trainer.overwrite`) or not
+            writable, a device that is not there, a training state that does not fit.
+    """
+    cfg = run_cfg.trainer
+    try:
+        device = parallel.resolve_device(cfg.device, "trainer.device")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    shown = display if display is not None and cfg.progress else Display()
+    if cfg.distributed == "none":
+        return _train(run_cfg, on_step, log, shown, device)
+    try:  # under torchrun: join the group; rank 0 alone prints and writes
+        device = parallel.init_distributed("nccl" if device.type == "cuda" else "gloo").device
+    except RuntimeError as exc:
+        raise UsageError(f"trainer.distributed={cfg.distributed!r}: {exc}") from None
+    try:
+        main = parallel.is_main_process()
+        return _train(run_cfg, on_step, log if main else _quiet, shown if main else Display(), device)
+    finally:
+        parallel.shutdown_distributed()
+
+
+def _quiet(message: str) -> None:
+    """The `log` of ranks other than 0."""
+
+
+def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.device) -> RunResult:
+    cfg = run_cfg.trainer
+    check_distributed(cfg)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite)
+    world = parallel.get_world_size()
+    if cfg.batch_size % world:
+        raise UsageError(f"trainer.batch_size={cfg.batch_size} cannot be split over {world} ranks; use a multiple of {world}")
+    parallel.barrier()  # every rank has checked the folder before rank 0 writes into it
+    with num_threads(cfg.num_threads):
+        with parallel.main_process_first():  # rank 0 builds and caches the built-in base
+            model = build_actor(run_cfg, log=log).to(device)
+        reference = Reference(model, run_cfg.actor.model.mode)  # full mode copies the plain model
+        model = parallel.wrap_actor(model, cfg.distributed)  # FSDP2 in place, or the DDP wrapper
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        generator = torch.Generator().manual_seed(cfg.seed + parallel.get_rank())
+        torch.manual_seed(cfg.seed)
+        session = Session(run_cfg, model, model, make_task(run_cfg, model), optimizer, generator,
+                          reference, device, out)
+        state_dir = find_train_state(run_cfg) if cfg.resume_train_state else None
+        if state_dir is not None and cfg.distributed != "none":
+            log(f"{state_dir} is not restored in distributed runs; the optimizer starts fresh")
+            state_dir = None
+        if state_dir is not None:
+            session.start_step = load_train_state(state_dir, model, optimizer, generator, cfg)
+            log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
+        if cfg.compile:
+            session.forward_model = compile_actor(model)
+        return _run(session, on_step, log, display)
+
+
+def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log: Callable[[str], None],
+         display: Display) -> RunResult:
+    cfg, out = session.run_cfg.trainer, session.out
+    logits_fn = logits_fn_for(session.model)
+    main = parallel.is_main_process()
+    if main:
+        os.makedirs(out, exist_ok=True)
+        write_text_atomic(os.path.join(out, "config.yaml"), yaml.safe_dump(_resolved(session.run_cfg), sort_keys=False))
+    name = os.path.basename(out)
+    log(f"{name}: mode {session.mode}, {trainable_summary(session.model)}; {session.task.describe()}")
+    metrics = MetricsWriter(os.path.join(out, "metrics.jsonl")) if main else None
+    display.start(f"{name} ({session.mode})", cfg.steps, session.start_step + 1)
+    records: list[dict[str, Any]] = []
+    flag = Interrupt()
+    step = session.start_step
+    try:
+        with catch_sigint(flag):
+            for i in range(cfg.steps):
+                if flag.requested:
+                    break
+                step = session.start_step + i + 1
+                for group in session.optimizer.param_groups:
+                    group["lr"] = lr_at(cfg, i)
+                stats = rl_step(session.model, session.forward_model, logits_fn, session.reference,
+                                session.optimizer, session.task, cfg, session.generator, session.device)
+                stats = parallel.reduce_metrics(stats)  # means over ranks
+                stats["samples_per_s"] *= parallel.get_world_size()  # all ranks' samples
+                record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
+                          "lr": session.optimizer.param_groups[0]["lr"]}
+                records.append(record)
+                if metrics is not None:
+                    metrics.write(record)
+                display.step(i + 1, record)
+                if on_step is not None:
+                    on_step(record)
+                if cfg.save_every and step % cfg.save_every == 0 and i + 1 < cfg.steps:
+                    session.save(step)
+            session.save(step)
+    finally:
+        display.stop()
+        if metrics is not None:
+            metrics.close()
+    return _finish(session, records, flag.requested, log, display)
+
+
+def _resolved(run_cfg: RunConfig) -> dict[str, Any]:
+    """The config as run, with the base folder made explicit (what `merge` reads back)."""
+    data = run_cfg.model_dump(mode="json")
+    if run_cfg.actor.model.model_path is None:
+        data["trainer"]["base_dir"] = os.path.dirname(base_path(run_cfg))
+    return data
+
+
+def _finish(session: Session, records: list[dict[str, Any]], interrupted: bool, log: Callable[[str], None],
+            display: Display) -> RunResult:
+    cfg, out = session.run_cfg.trainer, session.out
+    rewards = [r["reward_mean"] for r in records]
+    times = [r["step_time_s"] for r in records[1:]] or [r["step_time_s"] for r in records]
+    counts = trainable_summary(session.model)
+    peak, peak_kind = peak_memory_mb(session.device)
+    summary = {
+        "mode": session.mode,
+        "output_dir": out,
+        "base": base_path(session.run_cfg),
+        "lora_path": session.run_cfg.actor.model.lora_path,
+        "steps_run": len(records),
+        "first_step": session.start_step + 1,
+        "last_step": records[-1]["step"] if records else session.start_step,
+        "interrupted": interrupted,
+        "chance_reward": session.task.chance_reward,
+        "first_reward": _mean(rewards[:SUMMARY_WINDOW]),
+        "final_reward": _mean(rewards[-SUMMARY_WINDOW:]),
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "lora_layers": len(list(iter_lora_layers(session.model))),
+        "step_time_s": _mean(times),
+        "samples_per_s": _mean([r["samples_per_s"] for r in records]),
+        "peak_memory_mb": round(peak, 1),
+        "peak_memory_kind": peak_kind,
+        "training_memory_mb": round(session.training_memory_mb(), 3),
+        "device": str(session.device),
+        "compile": cfg.compile,
+    }
+    if not parallel.is_main_process():
+        return RunResult(out, interrupted, summary, session.model)
+    note = plot_curves(records, os.path.join(out, "curves.png"), os.path.basename(out)) if cfg.plot else "trainer.plot is false"
+    summary["curves"] = None if note else os.path.join(out, "curves.png")
+    if note:
+        log(f"curves.png not written: {note}")
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
+    display.summary(summary)
+    return RunResult(out, interrupted, summary, session.model)
