@@ -1,21 +1,23 @@
 """What a run leaves on disk: the output folder check, metrics, the curve, peak memory.
 
 Every file and folder goes through `lora_runtime._fs` (atomic, synced), so an interrupted
-run never leaves a half-written file behind.
+run never leaves a half-written file behind; `metrics.jsonl` alone is a log that grows by
+whole lines.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
 import resource
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from lora_runtime._fs import write_bytes_atomic
 
 RESULT_NAMES = (
     "metrics.jsonl", "summary.json", "curves.png", "config.yaml", "adapter", "model", "train_state",
@@ -66,7 +68,9 @@ def check_output_dir(output_dir: str, overwrite: bool, key: str = "trainer.outpu
 
 
 class MetricsWriter:
-    """Appends one JSON object per step to `metrics.jsonl` (flushed each line)."""
+    """Appends one JSON object per step to `metrics.jsonl`, one whole line per `write` call
+    and flushed, so the file is a log that grows by complete lines (the one file of a run
+    that is appended to rather than replaced atomically)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -117,15 +121,12 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str, title: str) -> str
     ax_k.plot(steps, [r["kl"] for r in records], color="tab:green")
     ax_k.set(xlabel="step", title=f"{title}: KL to the reference policy")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=100)
     finally:
         plt.close(fig)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    write_bytes_atomic(path, png.getvalue())
     return None
 
 
