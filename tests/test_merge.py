@@ -307,18 +307,23 @@ def test_merge_lora_float32_matches_float64_reference():
     assert ((run(model, x).double() - expected).abs().max() / expected.abs().max()) < 1e-6
 
 
-def test_merge_lora_refuses_tied_base_weight():
+def test_tied_base_weight_is_untied_by_merge_and_tied_again_by_merged():
     embed, head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
     head.weight = embed.weight
     model = nn.ModuleDict({"embed": embed, "lm_head": head})
     apply_lora(model, 2, target_modules=["lm_head"])
     nn.init.normal_(model.lm_head.lora_B.weight, std=0.02)
-    before = snapshot(model)
-    with pytest.raises(MergeError, match=r"lm_head \(tied to embed\.weight\)"):
-        merge_lora(model)
-    with pytest.raises(MergeError, match="tied to embed.weight"), merged(model):
-        pytest.fail("the body must not run")
-    assert_bit_identical(model, before)
+    shared, before = embed.weight, embed.weight.detach().clone()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    layer = model.lm_head
+    expected = x @ (before.double() + layer.scaling * layer.lora_B.weight.double() @ layer.lora_A.weight.double()).T
+    with merged(model):
+        assert layer.base_layer.weight is not shared and torch.equal(shared, before)
+        assert (layer(x.float()).double() - expected).abs().max() < 1e-5
+    assert layer.base_layer.weight is shared and torch.equal(shared, before)
+    merge_lora(model)
+    assert model.lm_head.weight is not embed.weight and torch.equal(embed.weight, before)
+    assert (model.lm_head(x.float()).double() - expected).abs().max() < 1e-5
 
 
 def test_merge_lora_without_adapters_is_refused():

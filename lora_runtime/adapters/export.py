@@ -73,7 +73,9 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     copy); each adapted weight is merged when it is reached (`merged_weight`), so the
     generator itself holds at most one layer's temporaries (the float32 delta and the
     merged tensor). The model is never modified; all adapters are validated when this
-    function is called, before anything is yielded.
+    function is called, before anything is yielded. A tied base weight yields both names:
+    the other owner's (e.g. `model.embed_tokens.weight`) with the base weight, the adapted
+    layer's (`lm_head.weight`) with the merged one, as `merge_lora` unties them.
 
     Args:
         model: a patched model (or its `torch.compile` wrapper). A model without LoRA
@@ -85,8 +87,7 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
     Raises:
         ValueError: no LoRA layer, or an adapter with non-finite values.
-        MergeError: called inside `merged(...)` or `adapter_disabled(...)`, or a tied
-            base weight.
+        MergeError: called inside `merged(...)` or `adapter_disabled(...)`.
     """
     inner = unwrap_model(model)  # compile and DDP wrappers
     layers = dict(check_mergeable(inner, "iter_merged_weights"))

@@ -90,7 +90,7 @@ def remove_lora(model: nn.Module, merge: bool) -> nn.Module:
     Raises:
         RuntimeError: a layer is currently merged by `merged(...)` (leave that first).
         ValueError / MergeError: `merge=True` and `merge_lora` refuses (non-finite adapter,
-            adapters disabled, tied base weight); nothing is changed.
+            adapters disabled); nothing is changed. A tied base weight is untied.
     """
     layers = list(iter_lora_layers(model))
     for name, layer in layers:

@@ -36,6 +36,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from lora_runtime._dist import full_tensor
 from lora_runtime.adapters.layer import LoRALinear, accumulation_dtype
 from lora_runtime.adapters.targets import iter_lora_layers, restore_base_layers, unwrap_model
+from lora_runtime.adapters.tied import mark_untied, retie, tied_paths, untie
 
 __all__ = [
     "MergeError",
@@ -51,8 +52,8 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class MergeError(RuntimeError):
-    """The adapters' state forbids the call: already merged, disabled, tied to another
-    parameter, written inside `merged`, or an exact restore over the memory limit."""
+    """The adapters' state forbids the call: already merged, disabled, written inside
+    `merged`, or an exact restore over the memory limit."""
 
 
 def merged_weight(layer: LoRALinear) -> torch.Tensor:
@@ -76,20 +77,6 @@ def _add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return acc.add_(weight).to(weight.dtype)
 
 
-def _shared_weight_paths(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> list[str]:
-    """Paths of LoRA layers whose base weight is also another parameter (tied weights)."""
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    tied = []
-    for path, layer in layers:
-        own = f"{path}.base_layer.weight" if path else "base_layer.weight"
-        others = [n for n in owners[id(layer.base_layer.weight)] if n != own]
-        if others:
-            tied.append(f"{path} (tied to {', '.join(others)})")
-    return tied
-
-
 def check_mergeable(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear]]:
     """Validates that every LoRA layer of `model` can be merged, before anything changes.
 
@@ -102,8 +89,9 @@ def check_mergeable(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear
 
     Raises:
         ValueError: no LoRA layer, or an adapter with NaN or infinite values (named).
-        MergeError: a layer already merged by `merged(...)`, adapters disabled by
-            `adapter_disabled(...)`, or a base weight tied to another parameter.
+        MergeError: a layer already merged by `merged(...)`, or adapters disabled by
+            `adapter_disabled(...)`. A base weight tied to another parameter is allowed:
+            the callers untie it (`adapters.tied`).
     """
     model = unwrap_model(model)
     layers = list(iter_lora_layers(model))
@@ -128,13 +116,6 @@ def check_mergeable(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear
                     f"{caller}: adapter '{path}.{key}.weight' has {bad} non-finite "
                     "(NaN or inf) values; merging needs finite adapters. Nothing was changed"
                 )
-    tied = _shared_weight_paths(model, layers)
-    if tied:
-        raise MergeError(
-            f"{caller}: the base weight of {', '.join(tied)} is shared with another "
-            "parameter; merging would change that one too. Exclude the layer from "
-            "target_modules or untie the weights"
-        )
     return layers
 
 
@@ -144,6 +125,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Each weight becomes `merged_weight(layer)`; the adapters are dropped. The result has
     the base model's module names and `state_dict` keys (no `base_layer`, no `lora_`).
+    A tied base weight (`lm_head` sharing the input embedding) is untied: the other owners
+    keep the base weight, the layer gets the merged one, and a transformers config gets
+    `tie_word_embeddings = False` so that a saved folder holds both tensors.
 
     Args:
         model: a patched model.
@@ -153,14 +137,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Raises:
         ValueError: no LoRA layer, or non-finite adapter values (the model is unchanged).
-        MergeError: called inside `merged(...)` or `adapter_disabled(...)`, or on a tied
-            base weight (the model is unchanged).
+        MergeError: called inside `merged(...)` or `adapter_disabled(...)` (the model is
+            unchanged).
     """
     inner = unwrap_model(model)
     layers = check_mergeable(inner, "merge_lora")
-    for _, layer in layers:
-        weight = layer.base_layer.weight
-        weight.copy_(merged_weight(layer))
+    tied = tied_paths(inner, layers)
+    for path, layer in layers:
+        new = merged_weight(layer)  # [out, in]
+        if path in tied:
+            untie(layer)
+        layer.base_layer.weight.copy_(new)
+    if tied:
+        mark_untied(inner)
     restore_base_layers(inner)
     return model
 
@@ -175,6 +164,9 @@ class MergeStats:
         extra_bytes: bytes held for the exact restore (masks, patched values, adapter copies).
         patched_elements: elements whose original value is kept.
         total_elements: elements of the merged base weights.
+        untied_bytes: bytes of the merged copies of tied base weights (a tied `lm_head`
+            gets its own weight while the embedding keeps the shared one); not part of
+            `extra_bytes` nor of the `max_extra_fraction` limit.
     """
 
     layers: int = 0
@@ -182,6 +174,7 @@ class MergeStats:
     extra_bytes: int = 0
     patched_elements: int = 0
     total_elements: int = 0
+    untied_bytes: int = 0
 
     @property
     def extra_fraction(self) -> float:
@@ -327,7 +320,10 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
     Inside, each LoRA layer computes `base_layer(x)` with the merged weight: base-model
     speed for rollouts. On exit every base weight is restored bit-exactly (any dtype) and
     the adapters are as they were. No full copy of any weight is kept: see the module
-    docstring for what is held; `MergeStats.extra_bytes` reports it.
+    docstring for what is held; `MergeStats.extra_bytes` reports it. A base weight tied to
+    another parameter (`lm_head` and the input embedding) is untied for the block: the
+    layer merges into its own copy (`MergeStats.untied_bytes`), the other owners keep the
+    base weight, and on exit the layer gets the shared `Parameter` object back.
 
     Inside the block, `optimizer.step()` of any `torch.optim.Optimizer` that holds an
     adapter or a merged base weight raises `MergeError` before changing anything. Any
@@ -345,8 +341,7 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
     Raises:
         ValueError: no LoRA layer, non-finite adapters, or a bad `max_extra_fraction`
             (the model is unchanged).
-        MergeError: nested `merged`, inside `adapter_disabled`, a tied base weight, or an
-            exact restore needing `max_extra_fraction` or more (the model is unchanged);
+        MergeError: nested `merged`, inside `adapter_disabled`, or an exact restore needing `max_extra_fraction` or more (the model is unchanged);
             inside the block, an optimizer step on the adapters; on exit, an in-place
             change made inside the block.
     """
@@ -359,10 +354,15 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
         merged_bytes=sum(_nbytes(layer.base_layer.weight) for _, layer in layers),
         total_elements=sum(layer.base_layer.weight.numel() for _, layer in layers),
     )
+    tied = tied_paths(unwrap_model(model), layers)
+    shared: dict[str, tuple[LoRALinear, nn.Parameter]] = {}  # untied layers: the shared weight
     done: list[_Restore] = []
     try:
         with torch.no_grad():
             for path, layer in layers:
+                if path in tied:
+                    shared[path] = (layer, untie(layer))
+                    stats.untied_bytes += _nbytes(layer.base_layer.weight)
                 done.append(_merge_layer(path, layer))
                 stats.extra_bytes += done[-1].nbytes
                 stats.patched_elements += done[-1].values.numel()
@@ -380,6 +380,8 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
         with torch.no_grad():
             for item in reversed(done):
                 _restore_layer(item)
+        for layer, weight in shared.values():
+            retie(layer, weight)
         raise
     try:
         yield stats
@@ -387,6 +389,8 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
         hook.remove()
         with torch.no_grad():
             problems = [p for item in reversed(done) for p in _restore_layer(item)]
+        for layer, weight in shared.values():
+            retie(layer, weight)
         if problems:
             raise MergeError(
                 "merged: tensors were modified in place inside merged(...): "
