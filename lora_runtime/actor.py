@@ -6,6 +6,7 @@ It sits above `adapters/`: the mode of the config decides whether adapters are d
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from lora_runtime.adapters import (
@@ -13,7 +14,9 @@ from lora_runtime.adapters import (
     apply_and_load_adapter,
     apply_lora,
     iter_lora_layers,
+    load_adapter,
     mark_only_lora_trainable,
+    read_adapter,
 )
 from lora_runtime.config import ActorModelConfig
 
@@ -31,9 +34,8 @@ def prepare_actor(
       load its weights; only adapter parameters train.
     - "full": nothing is patched; every parameter trains.
 
-    Args:
-        model: the base model (unpatched).
-        model_cfg: the validated `actor.model` section.
+    Adapters are kept in `model_cfg.adapter_dtype` (float32 by default, whatever the base
+    dtype); a resumed adapter is loaded into them at that precision.
 
     Args:
         model: the base model (unpatched).
@@ -67,7 +69,22 @@ def prepare_actor(
             init=model_cfg.init_lora_weights,
             use_rslora=model_cfg.use_rslora,
         )
+        _cast_adapters(model, model_cfg.adapter_dtype)
     else:
-        apply_and_load_adapter(model, adapter or model_cfg.lora_path, expected_rank=model_cfg.lora_rank)
+        adapter = adapter or read_adapter(model_cfg.lora_path)
+        apply_and_load_adapter(model, adapter, expected_rank=model_cfg.lora_rank)
+        if _cast_adapters(model, model_cfg.adapter_dtype):
+            load_adapter(model, adapter)  # again, at the adapters' new precision
     mark_only_lora_trainable(model)
     return model
+
+
+def _cast_adapters(model: nn.Module, dtype_name: str) -> bool:
+    """Casts every `lora_A` / `lora_B` to `dtype_name`; True when any changed dtype."""
+    dtype = getattr(torch, dtype_name)
+    changed = False
+    for _, layer in iter_lora_layers(model):
+        for module in (layer.lora_A, layer.lora_B):
+            changed |= module.weight.dtype != dtype
+            module.to(dtype)
+    return changed

@@ -44,6 +44,10 @@ class ActorModelConfig(_Strict):
 
     `mode` is "new" (`is_lora: true`, no `lora_path`), "resume" (`is_lora: true` with a
     `lora_path`) or "full" (`is_lora: false`; `lora_rank` is ignored).
+
+    `dtype` is the base model's dtype ("auto": the checkpoint's own; the built-in actor is
+    float32); full mode trains in it. `adapter_dtype` is the adapters' dtype (and so their
+    optimizer state's); the op computes in the base dtype.
     """
 
     is_lora: StrictBool
@@ -56,6 +60,8 @@ class ActorModelConfig(_Strict):
     exclude_modules: list[str] = Field(default_factory=list)
     init_lora_weights: Literal["gaussian", "kaiming"] = "gaussian"
     use_rslora: StrictBool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("target_modules", "exclude_modules")
     @classmethod

@@ -95,7 +95,7 @@ def _check_weights(
     return problems
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+def load_adapter(model: nn.Module, directory: str | os.PathLike | AdapterFiles) -> None:
     """Copies a saved adapter (ours or PEFT's) into an already patched model.
 
     Everything is checked before any weight is touched: config values, a readable
@@ -105,7 +105,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     Raises:
         AdapterError: one message listing every problem; the model is unchanged.
     """
-    _load_checked(model, read_adapter(directory))
+    _load_checked(model, directory if isinstance(directory, AdapterFiles) else read_adapter(directory))
 
 
 def _load_checked(model: nn.Module, adapter: AdapterFiles) -> None:

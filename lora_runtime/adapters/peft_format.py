@@ -59,8 +59,17 @@ def _target_modules(model: nn.Module, patched: list[str]) -> list[str] | str:
     return "^(" + "|".join(re.escape(p) for p in patched) + ")$"  # PEFT: re.fullmatch
 
 
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's `task_type`: "CAUSAL_LM" for a transformers `...ForCausalLM`, else None."""
+    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+
+
 def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
     """The `adapter_config.json` content describing the model's adapters.
+
+    `base_model_name_or_path` is the model's `name_or_path` (the folder as given to
+    `from_pretrained`, or the built-in actor's base folder) and `task_type` is "CAUSAL_LM"
+    for a causal LM, so that PEFT's `AutoPeftModelForCausalLM` can load the folder.
 
     Raises:
         AdapterError: no LoRA layers, or layers with different r / alpha / dropout / rsLoRA.
@@ -77,10 +86,11 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
             f"'{layers[0][0]}' (r={first.r}, alpha={first.lora_alpha:g}): {odd[:5]}"
         )
     alpha = first.lora_alpha
+    inner = unwrap_model(model)
     return {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
+        "task_type": _task_type(inner),
+        "base_model_name_or_path": getattr(inner, "name_or_path", None) or None,
         "r": first.r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": first.lora_dropout,

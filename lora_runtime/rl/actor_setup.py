@@ -4,9 +4,11 @@
 
 - `actor.model.model_path: null` -> the built-in actor (`lora_runtime.rl.models.vla`). Its
   deterministic base (seeded init + warm start, `lora_runtime.rl.pretrain`) is written once in
-  Hugging Face layout to `<base_dir>/tiny-vla-<hash of actor.builtin and task>/` (by default
-  `base/` next to `trainer.output_dir`), so the new, resume and full runs all start from
-  the same weights.
+  Hugging Face layout to `<base_dir>/tiny-vla-<hash of actor.builtin and task>/`, so the
+  new, resume and full runs all start from the same weights. By default `base_dir` is
+  `base/` beside `trainer.output_dir` when the output path names a parent folder
+  (`runs/run` -> `runs/base`), else `base/` inside it (`out` -> `out/base`, `.` -> `./base`):
+  never outside the folders the config names.
 - a folder in Hugging Face layout -> `lora_runtime.rl.hf_loading.load_model_folder`.
 
 Then `prepare_actor` applies the mode (new / resume / full).
@@ -31,8 +33,10 @@ from lora_runtime.rl.hf_loading import (
     WEIGHTS_NAME,
     load_model_folder,
     save_model_folder,
+    torch_dtype,
 )
 from lora_runtime.rl.models.vla import TinyVLA, build_tiny_vla
+from lora_runtime.rl.outputs import check_output_dir
 from lora_runtime.rl.pretrain import clear_action_rows, pretrain_base
 from lora_runtime.rl.tasks.reach import ReachTask, Scenes
 
@@ -41,9 +45,10 @@ BASE_FORMAT = 2  # bump when the base recipe changes, so old cached bases are no
 
 def builtin_base_dir(run_cfg: RunConfig) -> str:
     """Where the built-in base for this config lives (absolute; may not exist yet)."""
-    root = run_cfg.trainer.base_dir or os.path.join(
-        os.path.dirname(os.path.abspath(run_cfg.trainer.output_dir)), "base"
-    )
+    out = os.path.normpath(run_cfg.trainer.output_dir)
+    parent = os.path.dirname(out)
+    default = os.path.join(parent if parent not in ("", os.curdir) else out, "base")
+    root = run_cfg.trainer.base_dir or default
     recipe = {"format": BASE_FORMAT, "builtin": run_cfg.actor.builtin.model_dump(), "task": run_cfg.task.model_dump()}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(os.path.abspath(root), f"tiny-vla-{digest}")
@@ -68,6 +73,8 @@ def ensure_builtin_base(run_cfg: RunConfig, log: Callable[[str], None] = print) 
     folder = builtin_base_dir(run_cfg)
     if _base_complete(folder):
         return folder
+    key = "trainer.base_dir" if run_cfg.trainer.base_dir else "trainer.output_dir"
+    check_output_dir(folder, overwrite=True, key=key)  # before the warm start, not after
     b = run_cfg.actor.builtin
     model = build_tiny_vla(b)
     task = ReachTask(run_cfg.task, b.image_size, b.vocab_size)
@@ -89,7 +96,7 @@ def ensure_builtin_base(run_cfg: RunConfig, log: Callable[[str], None] = print) 
 
 
 def load_base(run_cfg: RunConfig, create: bool = True, log: Callable[[str], None] = print) -> nn.Module:
-    """The unpatched base model for `run_cfg`, float32.
+    """The unpatched base model for `run_cfg`, in `actor.model.dtype`.
 
     Args:
         run_cfg: the validated run config.
@@ -100,15 +107,15 @@ def load_base(run_cfg: RunConfig, create: bool = True, log: Callable[[str], None
     Raises:
         ConfigError: a bad `model_path` (see `hf_loading`) or a base that cannot be written.
     """
-    path = run_cfg.actor.model.model_path
+    path, dtype = run_cfg.actor.model.model_path, run_cfg.actor.model.dtype
     if path is not None:
-        return load_model_folder(path)
+        return load_model_folder(path, dtype=dtype)
     folder = builtin_base_dir(run_cfg)
     if not _base_complete(folder):
         if not create:
-            return build_tiny_vla(run_cfg.actor.builtin)
+            return build_tiny_vla(run_cfg.actor.builtin).to(torch_dtype(dtype) or torch.float32)
         ensure_builtin_base(run_cfg, log)
-    return load_model_folder(folder, key=f"built-in base {folder}")
+    return load_model_folder(folder, key=f"built-in base {folder}", dtype=dtype)
 
 
 def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str], None] = print) -> nn.Module:
@@ -123,19 +130,22 @@ def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str
             names `actor.model.lora_path`).
     """
     mc = run_cfg.actor.model
-    try:
-        adapter = None
-        if mc.mode == "resume":  # a bad adapter fails before the base is loaded or built
+    adapter = None
+    if mc.mode == "resume":  # a bad adapter fails before the base is loaded or built
+        try:
             adapter = read_adapter(mc.lora_path)
+        except AdapterError as exc:
+            raise AdapterError(
+                f"actor.model.lora_path={mc.lora_path!r}: {exc}. Point lora_path at the adapter/ folder "
+                "a LoRA run saved (adapter_config.json + adapter_model.safetensors; e.g. train "
+                "configs/lora_new.yaml first), or set lora_path: null to train a new adapter"
+            ) from None
+    try:
         model = load_base(run_cfg, create=create_base, log=log)
         make_task(run_cfg, model)  # fail early on a task that does not fit the model
         return prepare_actor(model, mc, adapter=adapter)
-    except AdapterError as exc:
-        raise AdapterError(
-            f"actor.model.lora_path={mc.lora_path!r}: {exc}. Point lora_path at the adapter/ folder "
-            "a LoRA run saved (adapter_config.json + adapter_model.safetensors; e.g. train "
-            "configs/lora_new.yaml first), or set lora_path: null to train a new adapter"
-        ) from None
+    except AdapterError as exc:  # the adapter does not fit this model (rank, targets, shapes)
+        raise AdapterError(f"actor.model.lora_path={mc.lora_path!r}: {exc}") from None
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

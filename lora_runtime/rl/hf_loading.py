@@ -5,14 +5,22 @@ Two kinds are read and written:
 - the built-in actor (`"model_type": "lora_runtime_vla"`): its sizes are in `config.json`
   under `"builtin"`, its weights in `model.safetensors`; no transformers needed;
 - any other folder is handed to transformers (optional extra `lora-runtime[hf]`) as
-  `AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`: nothing is downloaded.
+  `AutoModelForCausalLM.from_pretrained(path, local_files_only=True)` (a vision-language
+  model that is no causal LM, e.g. PaliGemma, with `AutoModelForImageTextToText`):
+  nothing is downloaded.
+
+Loading takes `actor.model.dtype` ("auto": the checkpoint's own). A model saved from a
+folder (merged or full mode) gets the folder's tokenizer, processor, chat-template and
+generation files beside its weights, so the result can be served as it is.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -28,6 +36,14 @@ from lora_runtime.rl.models.vla import MODEL_TYPE, TinyVLA
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 KEY = "actor.model.model_path"
+# Files of a model folder that are not carried to a saved copy (weights and the config).
+_NOT_COPIED = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
+               "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "adapter_*")
+
+
+def torch_dtype(name: str) -> torch.dtype | None:
+    """`actor.model.dtype` / `adapter_dtype` as a torch dtype; None for "auto"."""
+    return None if name == "auto" else getattr(torch, name)
 
 
 def read_model_folder(path: str, key: str = KEY) -> dict[str, Any]:
@@ -59,8 +75,14 @@ def read_model_folder(path: str, key: str = KEY) -> dict[str, Any]:
     return cfg
 
 
-def load_model_folder(path: str, key: str = KEY) -> nn.Module:
-    """Loads the model in `path` (built-in actor or a transformers causal LM), float32, eval.
+def load_model_folder(path: str, key: str = KEY, dtype: str = "auto") -> nn.Module:
+    """Loads the model in `path` (built-in actor or a transformers causal LM), eval mode.
+
+    Args:
+        path: the model folder.
+        key: what the messages call it.
+        dtype: "auto" (the checkpoint's own dtype; the built-in actor's is float32),
+            "float32", "bfloat16" or "float16".
 
     Raises:
         ConfigError: not a model folder, weights that do not fit the config, transformers
@@ -68,9 +90,10 @@ def load_model_folder(path: str, key: str = KEY) -> nn.Module:
     """
     cfg = read_model_folder(path, key)
     if cfg.get("model_type") == MODEL_TYPE:
-        return _load_builtin(path, cfg, key)
+        return _load_builtin(path, cfg, key).to(torch_dtype(dtype) or torch.float32)
     try:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -79,8 +102,10 @@ def load_model_folder(path: str, key: str = KEY) -> nn.Module:
             f"{key}={path!r} is a transformers model (model_type={cfg.get('model_type')!r}) but "
             "transformers is not installed; install it with pip install 'lora-runtime[hf]'"
         ) from None
+    causal = cfg.get("model_type") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    auto_class = AutoModelForCausalLM if causal else AutoModelForImageTextToText
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = auto_class.from_pretrained(path, local_files_only=True, dtype=torch_dtype(dtype) or "auto")
     except Exception as exc:  # noqa: BLE001 (transformers raises many types for unusable folders)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
@@ -112,6 +137,7 @@ def _load_builtin(path: str, cfg: dict[str, Any], key: str) -> TinyVLA:
             f"unexpected {unexpected[:5]}, wrong shapes {sorted(shapes)[:5]}"
         )
     model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.name_or_path = path  # as transformers models carry it (adapter_config.json names it)
     return model.eval()
 
 
@@ -130,7 +156,10 @@ def save_model_folder(model: nn.Module, directory: str, **extra_config: Any) -> 
     """Writes `model` to `directory` in Hugging Face layout, atomically.
 
     The built-in actor gets `config.json` (+ `extra_config` entries) and `model.safetensors`;
-    a transformers model is written with `save_pretrained` (safetensors).
+    a transformers model is written with `save_pretrained` (safetensors, `config.json` with
+    the model's dtype, `generation_config.json`), then every other file of the folder it
+    was loaded from (`model.name_or_path`: tokenizer, special tokens, chat template,
+    processor) is copied beside it, unless `save_pretrained` wrote that name itself.
 
     Args:
         model: an unpatched model (merge or remove adapters first).
@@ -141,6 +170,23 @@ def save_model_folder(model: nn.Module, directory: str, **extra_config: Any) -> 
         if isinstance(model, TinyVLA):
             state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
             save_file(state, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
-            write_json_atomic(os.path.join(staging, CONFIG_NAME), builtin_config_json(model.config, **extra_config))
+            config = builtin_config_json(model.config, **extra_config)
+            config["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+            write_json_atomic(os.path.join(staging, CONFIG_NAME), config)
         else:
             model.save_pretrained(staging, safe_serialization=True)
+            _copy_serving_files(getattr(model, "name_or_path", None), staging)
+
+
+def _copy_serving_files(source: str | None, staging: str) -> None:
+    """Copies the top-level files of `source` that are neither weights nor `config.json`
+    (tokenizer, chat template, processor, generation config) into `staging`, keeping
+    those `save_pretrained` already wrote."""
+    if not source or not os.path.isdir(source):
+        return
+    for name in sorted(os.listdir(source)):
+        src = os.path.join(source, name)
+        skip = any(fnmatch.fnmatch(name, pattern) for pattern in _NOT_COPIED)
+        if skip or not os.path.isfile(src) or os.path.exists(os.path.join(staging, name)):
+            continue
+        shutil.copy2(src, os.path.join(staging, name))
