@@ -189,3 +189,99 @@ def test_ctrl_c_in_a_real_process(tmp_path, base_dir):
     state = torch.load(tmp_path / "out" / "train_state" / "state.pt", weights_only=True)
     assert state["step"] == summary["last_step"]
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- bring your own model
+
+
+@pytest.fixture(scope="module")
+def qwen_tied(tmp_path_factory):
+    pytest.importorskip("transformers", reason="needs transformers (test extra)")
+    from hf_folders import causal_lm_folder
+
+    return causal_lm_folder(str(tmp_path_factory.mktemp("qwen") / "base"), "qwen2", tie=True)
+
+
+def test_merge_with_base_folder_unties_a_tied_head(tmp_path, qwen_tied, capsys):
+    from hf_folders import logits, patched, token_batch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_runtime.adapters import save_adapter
+
+    model = patched(load_model_folder(qwen_tied))
+    save_adapter(model, tmp_path / "adapter")
+    ids = token_batch()
+    expected = logits(model.double(), ids)  # the unmerged model, float64
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--base", qwen_tied, "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(os.listdir(out))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    got = logits(reloaded, ids).double()
+    assert ((got - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert AutoTokenizer.from_pretrained(str(out), local_files_only=True).chat_template
+
+
+@pytest.mark.parametrize(
+    ("argv", "patterns"),
+    [
+        (["--adapter", "{tmp}/nonexist", "--base", "{base}"], ["merge --adapter", "nonexist does not exist"]),
+        (["--adapter", "{tmp}/adapter", "--base", "{tmp}/nobase"], ["merge --base=", "nobase", "does not exist"]),
+        (["--adapter", "{tmp}/adapter", "--base", "{tmp}/adapter"], ["merge --base=", "has no config.json"]),
+        (["--adapter", "{tmp}/adapter", "--base", "{base}", "c.yaml"], ["--base", "not both"]),
+        (["--adapter", "{tmp}/adapter"], ["no CONFIG or --base given", "--base DIR"]),
+    ],
+)
+def test_merge_bad_paths_exit_2_before_any_work(tmp_path, qwen_tied, capsys, argv, patterns):
+    from hf_folders import patched
+
+    from lora_runtime.adapters import save_adapter
+
+    save_adapter(patched(load_model_folder(qwen_tied)), tmp_path / "adapter")
+    before = snapshot_files(tmp_path)
+    argv = [a.format(tmp=tmp_path, base=qwen_tied) for a in argv]
+    assert_usage_error(capsys, ["merge", *argv, "--out", str(tmp_path / "out")], *patterns)
+    assert snapshot_files(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_merge_adapter_of_another_model_exit_2(tmp_path, qwen_tied, trained, capsys):
+    _, out = trained
+    assert_usage_error(capsys, ["merge", "--adapter", str(out / "adapter"), "--base", qwen_tied, "--out", str(tmp_path / "m")],
+                       "merge --adapter", "cannot load into this model", "does not adapt")
+    assert not (tmp_path / "m").exists()
+
+
+def test_rank_mismatch_message_has_no_unrelated_hint(tmp_path, trained, capsys):
+    config, out = trained
+    err = assert_usage_error(capsys, ["inspect", config, "--set", f"actor.model.lora_path={out / 'adapter'}",
+                                      "--set", "actor.model.lora_rank=8"], "lora_rank=8", "set lora_rank: 4")
+    assert "lora_path: null" not in err
+
+
+def test_unexpected_failure_is_exit_2_without_traceback(tmp_path, trained, capsys, monkeypatch):
+    import lora_runtime.cli.commands as commands
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk\non fire")
+
+    monkeypatch.setattr(commands, "run_inspect", boom)
+    config, _ = trained
+    assert_usage_error(capsys, ["inspect", config], "inspect failed: RuntimeError: disk on fire")
+
+
+@pytest.mark.parametrize(("output_dir", "base"), [("runs/run", "runs/base"), ("out", "out/base"), (".", "base")])
+def test_default_base_dir_stays_inside_the_named_folders(tmp_path, monkeypatch, output_dir, base):
+    from lora_runtime.rl.actor_setup import builtin_base_dir
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw(output_dir, None)
+    del raw["trainer"]["base_dir"]
+    folder = builtin_base_dir(validate_config(raw))
+    assert os.path.dirname(folder) == str(tmp_path / base)
+
+
+def test_unwritable_base_dir_is_reported_before_the_warm_start(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    config = write_yaml(tmp_path / "c.yaml", tiny_raw(tmp_path / "out", tmp_path / "f" / "base"))
+    err = assert_usage_error(capsys, ["train", config], "trainer.base_dir=", "cannot be created")
+    assert "building the built-in base" not in err

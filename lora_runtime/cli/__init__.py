@@ -2,13 +2,14 @@
 
     lora-runtime train CONFIG [--set dotted.key=value ...]
     lora-runtime inspect CONFIG [--set ...]
-    lora-runtime merge --adapter DIR --out DIR [CONFIG] [--set ...]
+    lora-runtime merge --adapter DIR --out DIR (--base DIR | [CONFIG] [--set ...])
     lora-runtime demo [--configs DIR] [--output-root DIR] [--set ...]
     lora-runtime bench [bench options ...]
 
-Bad input (a config that does not validate, an unknown --set key, a missing adapter or
-model folder, an output folder that holds results or cannot be written) prints one
-paragraph to stderr naming the file or key and what to do, and exits with status 2.
+Every failure (a config that does not validate, an unknown --set key, a missing adapter or
+model folder, an output folder that holds results or cannot be written, an adapter that
+does not fit the model, a disk error) prints one paragraph to stderr naming the file or
+key and what to do, and exits with status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fold an adapter into the base weights and write a model folder",
                        description="Load the base model, apply the adapter, fold it into the weights and write "
-                       "the merged model (safetensors + config.json, Hugging Face layout) to --out. CONFIG says "
-                       "which base; by default the config.yaml a `train` run saved beside the adapter.")
+                       "the merged model (safetensors + config.json + the base folder's tokenizer, processor "
+                       "and generation files, Hugging Face layout) to --out. The base is --base DIR (a model "
+                       "folder, as with PEFT), or the one a run CONFIG names; by default the config.yaml a "
+                       "`train` run saved beside the adapter.")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create for the merged model (must not hold files)")
+    p.add_argument("--base", metavar="DIR", help="the base model folder (config.json + *.safetensors); no run YAML needed")
     p.add_argument("config", nargs="?", metavar="CONFIG", help="run YAML naming the base (default: DIR/../config.yaml)")
     _add_set(p)
 
@@ -90,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     # `--help` and argument errors load no torch:
-    from lora_runtime.adapters import AdapterError  # deferred: start-up time
+    from lora_runtime.adapters import AdapterError, MergeError  # deferred: start-up time
     from lora_runtime.config import ConfigError  # deferred: start-up time
     from lora_runtime.rl.outputs import UsageError  # deferred: start-up time
 
@@ -106,15 +110,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "merge":
             from lora_runtime.cli.commands import run_merge  # deferred: start-up time
 
-            return run_merge(args.adapter, args.out, args.config, args.overrides)
+            return run_merge(args.adapter, args.out, args.config, args.overrides, base=args.base)
         from lora_runtime.cli.demo import run_demo  # deferred: start-up time
 
         return run_demo(args.configs, args.output_root, args.overrides)
-    except (ConfigError, AdapterError, UsageError) as exc:
+    except (ConfigError, AdapterError, UsageError, MergeError) as exc:
         return _fail(str(exc).strip())
     except KeyboardInterrupt:
         print("lora-runtime: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a disk full, a folder removed or made read-only while running
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _fail(f"{args.command}: {exc.strerror or exc}{where}; nothing half-written was left "
+                     "in place (outputs are written atomically). Free space or fix permissions and run again")
+    except Exception as exc:  # noqa: BLE001 (the CLI promises exit 2 and no traceback for every failure)
+        text = " ".join(str(exc).split()) or "no message"
+        return _fail(f"{args.command} failed: {type(exc).__name__}: {text}. This is unexpected: please "
+                     "report it with the command line and config")
 
 
 if __name__ == "__main__":

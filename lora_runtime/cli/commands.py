@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+
+from torch import nn
 
 from lora_runtime.adapters import (
     AdapterError,
     apply_and_load_adapter,
     iter_lora_layers,
     merge_lora,
+    read_adapter,
     trainable_summary,
     unwrap_model,
 )
@@ -19,7 +22,7 @@ from lora_runtime.cli.console import ConsoleDisplay, print_table
 from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED
 from lora_runtime.config import ConfigError, RunConfig, load_config
 from lora_runtime.rl.actor_setup import base_path, build_actor, load_base
-from lora_runtime.rl.hf_loading import save_model_folder
+from lora_runtime.rl.hf_loading import load_model_folder, read_model_folder, save_model_folder
 from lora_runtime.rl.outputs import UsageError, check_output_dir
 from lora_runtime.rl.trainer import train
 
@@ -89,8 +92,9 @@ def _merge_config(adapter: str, config: str | None, overrides: Sequence[str]) ->
         config = os.path.join(os.path.dirname(os.path.abspath(adapter.rstrip("/\\"))), "config.yaml")
         if not os.path.isfile(config):
             raise UsageError(
-                f"merge: no CONFIG given and no config.yaml beside the adapter ({config}); pass the run's "
-                "YAML (e.g. configs/lora_new.yaml) so the base model is known"
+                f"merge: no CONFIG or --base given and no config.yaml beside the adapter ({config}); "
+                "name the base model folder with --base DIR, or pass the run's YAML (e.g. "
+                "configs/lora_new.yaml)"
             )
     run_cfg = load_config(config, list(overrides))
     update = {"is_lora": True, "lora_path": None}
@@ -98,21 +102,51 @@ def _merge_config(adapter: str, config: str | None, overrides: Sequence[str]) ->
     return run_cfg.model_copy(update={"actor": run_cfg.actor.model_copy(update={"model": model_cfg})}), config
 
 
-def run_merge(adapter: str, out: str, config: str | None, overrides: Sequence[str] = ()) -> int:
-    """`lora-runtime merge`: writes base + adapter, merged, to a new model folder."""
+def _merge_base(base: str | None, adapter: str, config: str | None, overrides: Sequence[str]) -> Callable[[], nn.Module]:
+    """Checks where the base comes from (without loading it); returns its loader."""
+    if base is not None:
+        if config is not None or overrides:
+            raise UsageError(f"merge: --base {base!r} names the base model, so CONFIG and --set are not used; "
+                             "pass either --base DIR or a run CONFIG, not both")
+        read_model_folder(base, key="merge --base")
+        return lambda: load_model_folder(base, key="merge --base")
+    run_cfg, config = _merge_config(adapter, config, overrides)
+
+    def load() -> nn.Module:
+        with prefixed_errors(config):
+            return load_base(run_cfg, log=_log)
+
+    with prefixed_errors(config):
+        if run_cfg.actor.model.model_path is not None:
+            read_model_folder(run_cfg.actor.model.model_path)
+    return load
+
+
+def run_merge(adapter: str, out: str, config: str | None, overrides: Sequence[str] = (),
+              base: str | None = None) -> int:
+    """`lora-runtime merge`: writes base + adapter, merged, to a new model folder.
+
+    Every path is checked before the base is loaded: the adapter folder (read and
+    validated), `--out` (new or empty, writable) and the base (`--base DIR`, or the run
+    CONFIG, by default the `config.yaml` beside the adapter).
+    """
+    try:
+        files = read_adapter(adapter)
+    except AdapterError as exc:
+        raise AdapterError(f"merge --adapter {adapter!r}: {exc}") from None
     out_abs = os.path.abspath(out)
     if os.path.exists(out_abs) and (not os.path.isdir(out_abs) or os.listdir(out_abs)):
         raise UsageError(f"merge --out {out!r} already exists and is not an empty folder; nothing was "
                          "changed. Pick a new folder for the merged model")
     check_output_dir(out, overwrite=True, key="merge --out")
-    run_cfg, config = _merge_config(adapter, config, overrides)
-    with prefixed_errors(config):
-        model = load_base(run_cfg, log=_log)
-        try:
-            apply_and_load_adapter(model, adapter)
-        except AdapterError as exc:
-            raise AdapterError(f"merge --adapter {adapter!r}: {exc}") from None
-        merge_lora(model)
-        save_model_folder(model, out_abs, merged_from={"base": base_path(run_cfg), "adapter": os.path.abspath(adapter)})
-    print(f"merged {adapter} into the base {base_path(run_cfg)}: wrote {out_abs}/ (config.json + safetensors)")
+    load = _merge_base(base, adapter, config, overrides)
+    model = load()
+    try:
+        apply_and_load_adapter(model, files)
+    except AdapterError as exc:
+        raise AdapterError(f"merge --adapter {adapter!r}: {exc}") from None
+    merge_lora(model)
+    source = getattr(model, "name_or_path", None)
+    save_model_folder(model, out_abs, merged_from={"base": source, "adapter": os.path.abspath(adapter)})
+    print(f"merged {adapter} into the base {source}: wrote {out_abs}/ (config.json + safetensors)")
     return 0
