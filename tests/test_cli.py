@@ -259,7 +259,7 @@ def test_rank_mismatch_message_has_no_unrelated_hint(tmp_path, trained, capsys):
 
 
 def test_unexpected_failure_is_exit_2_without_traceback(tmp_path, trained, capsys, monkeypatch):
-    import lora_runtime.cli.commands as commands
+    from lora_runtime.cli import commands
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk\non fire")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -109,9 +110,13 @@ class LoRALinear(nn.Module):
         lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
         if lora_a.dtype != weight.dtype:  # e.g. float32 adapters on a bfloat16 base
             lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
-        lora_input = None
+        lora_input: Optional[torch.Tensor] = None  # noqa: UP045 (TorchScript: an annotated Optional)
         if self.lora_dropout > 0.0 and self.training:
             lora_input = F.dropout(x, self.lora_dropout, training=True)
+        if torch.jit.is_scripting():  # TorchScript calls the registered op directly
+            return torch.ops.lora_runtime.lora_linear(
+                x, weight, self.base_layer.bias, lora_a, lora_b, self.scaling, lora_input
+            )
         return lora_linear(
             x, weight, self.base_layer.bias, lora_a, lora_b, self.scaling, lora_input
         )

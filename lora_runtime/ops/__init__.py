@@ -5,8 +5,8 @@
 same formula in plain PyTorch. Nothing here imports any other part of the package.
 """
 
-from lora_runtime.ops._extension import extension_error, extension_loaded
+from lora_runtime.ops._extension import extension_error, extension_loaded, library_path
 from lora_runtime.ops.lora_linear import lora_linear
 from lora_runtime.ops.reference import lora_linear_reference
 
-__all__ = ["extension_error", "extension_loaded", "lora_linear", "lora_linear_reference"]
+__all__ = ["extension_error", "extension_loaded", "library_path", "lora_linear", "lora_linear_reference"]
