@@ -31,6 +31,7 @@ LAYERS = (
     ("lora_runtime.adapters", 1),
     ("lora_runtime.actor", 2),
     ("lora_runtime.compile", 2),
+    ("lora_runtime.deploy", 2),
     ("lora_runtime.parallel", 2),
     ("lora_runtime.rl", 3),
     ("lora_runtime.bench", 4),

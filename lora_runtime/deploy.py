@@ -1,0 +1,134 @@
+"""Deployable files of a patched model: TorchScript and AOTInductor packages.
+
+- `export_torchscript(model, example_inputs, path, method="script" | "trace")` writes a
+  `torch.jit` file (`torch.jit.load` in Python, `torch::jit::load` in C++);
+- `export_aoti(model, example_inputs, path)` exports the forward with `torch.export` and
+  compiles it with `torch._inductor.aoti_compile_and_package` into a `.pt2` package
+  (`torch._inductor.aoti_load_package` in Python, `torch::inductor::AOTIModelPackageLoader`
+  in C++).
+
+With unmerged adapters the file calls the fused op (`torch.ops.lora_runtime.*`): the
+process that loads it must load the op library first,
+`torch.ops.load_library(lora_runtime.ops.library_path())` (or link / `dlopen` that file in
+C++); nothing else of lora-runtime is needed there. With `merged=True` the adapters are
+folded into a copy first (`merge_lora`), and the file needs nothing but torch.
+The model passed in is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lora_runtime.adapters import iter_lora_layers, merge_lora, unwrap_model
+
+__all__ = ["deployable_copy", "export_aoti", "export_torchscript", "needs_op_library"]
+
+
+def deployable_copy(model: nn.Module, merged: bool = False) -> nn.Module:
+    """An eval-mode deep copy of `model` (compile / DDP wrappers removed), merged if asked.
+
+    Raises:
+        ValueError: `merged=True` on a model without LoRA layers, or non-finite adapters.
+    """
+    inner = copy.deepcopy(unwrap_model(model)).eval()
+    if merged:
+        merge_lora(inner)
+    return inner
+
+
+def _check_path(path: str | os.PathLike, suffix: str) -> str:
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(suffix):
+        raise ValueError(f"export: the output file {path!r} must end with {suffix!r}")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ValueError(f"export: the folder of the output file {path!r} does not exist")
+    return path
+
+
+def export_torchscript(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    method: Literal["script", "trace"] = "script",
+    merged: bool = False,
+) -> str:
+    """Writes `model` as a TorchScript file (`.pt`).
+
+    Args:
+        model: a patched (or plain) model; not modified.
+        example_inputs: positional inputs of `forward` (tracing runs them; scripting only
+            checks that the scripted module accepts them).
+        path: the `.pt` file to write (its folder must exist); written atomically.
+        method: "script" (`torch.jit.script`, keeps control flow) or "trace".
+        merged: fold the adapters into the copy first (the file needs only torch).
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        ValueError: a bad `path` or `method`.
+    """
+    if method not in ("script", "trace"):
+        raise ValueError(f"export_torchscript: method={method!r}; allowed: 'script', 'trace'")
+    path = _check_path(path, ".pt")
+    inner = deployable_copy(model, merged)
+    for p in inner.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        module = torch.jit.script(inner) if method == "script" else torch.jit.trace(inner, tuple(example_inputs))
+        module(*example_inputs)  # fails here, not in the deployment, on inputs it cannot take
+    staging = f"{path}.tmp-{os.getpid()}"
+    torch.jit.save(module, staging)
+    os.replace(staging, path)
+    return path
+
+
+def export_aoti(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: str | os.PathLike,
+    merged: bool = False,
+    dynamic_batch: bool = True,
+) -> str:
+    """Exports `model.forward` with `torch.export` and writes an AOTInductor package (`.pt2`).
+
+    Args:
+        model: a patched (or plain) model; not modified.
+        example_inputs: positional inputs of `forward`; every other size is fixed to theirs.
+        path: the `.pt2` file to write (its folder must exist); written atomically.
+        merged: fold the adapters into the copy first (the package needs only torch).
+        dynamic_batch: leave dim 0 of every input free (one shared batch size, >= 1).
+
+    Returns:
+        The absolute path written.
+
+    Raises:
+        ValueError: a bad `path`.
+    """
+    path = _check_path(path, ".pt2")
+    inner = deployable_copy(model, merged)
+    for p in inner.parameters():
+        p.requires_grad_(False)
+    inputs = tuple(example_inputs)
+    dynamic = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        dynamic = tuple({0: batch} for _ in inputs)
+    with torch.no_grad():
+        program = torch.export.export(inner, inputs, dynamic_shapes=dynamic, strict=False)
+    staging = f"{path}.tmp-{os.getpid()}.pt2"
+    torch._inductor.aoti_compile_and_package(program, package_path=staging)
+    os.replace(staging, path)
+    return path
+
+
+def needs_op_library(model: nn.Module) -> bool:
+    """True when an unmerged export of `model` calls the fused op (it has LoRA layers)."""
+    return any(True for _ in iter_lora_layers(model))
