@@ -20,19 +20,54 @@ SIZES = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_h
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
-def save_tokenizer(folder: str, vocab_size: int = VOCAB) -> None:
-    """A WordLevel tokenizer over `w0 .. wN` with <unk>/<s>/</s>/<pad> and a chat template."""
+def make_tokenizer(vocab_size: int = VOCAB, extra: tuple[str, ...] = ()):
+    """A WordLevel tokenizer over <unk>/<s>/</s>/<pad>, `extra`, then `w0 .. wN`, with a
+    chat template (`PreTrainedTokenizerFast`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *extra]
     words = specials + [f"w{i}" for i in range(vocab_size - len(specials))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>", pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
+    return fast
+
+
+def save_tokenizer(folder: str, vocab_size: int = VOCAB) -> None:
+    """Writes `make_tokenizer(vocab_size)` to `folder`."""
+    make_tokenizer(vocab_size).save_pretrained(folder)
+
+
+IMAGE_TOKEN = 4  # "<image>" in the LLaVA folder's tokenizer
+IMAGE_SIZE, PATCH = 16, 8  # 4 patches: 4 image tokens per image
+
+
+def llava_folder(folder: str, seed: int = 0) -> str:
+    """Writes a tiny LLaVA (CLIP vision tower, 2-layer Llama) with a processor (CLIP image
+    processor + tokenizer with an `<image>` token + chat template)."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**SIZES), image_token_id=IMAGE_TOKEN,
+                         vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = LlavaProcessor(image_processor=images, tokenizer=make_tokenizer(extra=("<image>",)), patch_size=PATCH,
+                               vision_feature_select_strategy="default", image_token="<image>")
+    processor.save_pretrained(folder)
+    return folder
 
 
 def causal_lm_folder(folder: str, kind: str = "llama", dtype: torch.dtype = torch.float32,

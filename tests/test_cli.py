@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def assert_usage_error(capsys, argv, *patterns):
     return err
 
 
-@pytest.mark.parametrize("command", ["train", "inspect", "merge", "demo"])
+@pytest.mark.parametrize("command", ["train", "inspect", "merge", "export", "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -285,3 +286,52 @@ def test_unwritable_base_dir_is_reported_before_the_warm_start(tmp_path, capsys)
     config = write_yaml(tmp_path / "c.yaml", tiny_raw(tmp_path / "out", tmp_path / "f" / "base"))
     err = assert_usage_error(capsys, ["train", config], "trainer.base_dir=", "cannot be created")
     assert "building the built-in base" not in err
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_torchscript_of_the_trained_actor_runs_in_a_fresh_process(tmp_path, trained, capsys):
+    from lora_runtime.ops import library_path
+    from lora_runtime.rl.actor_setup import build_actor
+
+    config, out = trained
+    adapter = f"actor.model.lora_path={out / 'adapter'}"
+    for merged in (False, True):
+        path = tmp_path / f"actor{'-merged' if merged else ''}.pt"
+        argv = ["export", config, "--set", adapter, "--format", "torchscript", "--out", str(path)]
+        assert main(argv + (["--merged"] if merged else [])) == 0
+        assert "wrote" in capsys.readouterr().out
+        gen = torch.Generator().manual_seed(0)
+        pixels, ids = torch.rand(3, 3, 8, 8, generator=gen), torch.randint(0, 24, (3, 4), generator=gen)
+        torch.save((pixels, ids), tmp_path / "inputs.pt")
+        lib = "" if merged else f"torch.ops.load_library({library_path()!r}); "
+        code = (f"import sys, torch; {lib}m = torch.jit.load({str(path)!r}); "
+                f"torch.save(m(*torch.load({str(tmp_path / 'inputs.pt')!r})), {str(tmp_path / 'out.pt')!r}); "
+                "assert not [k for k in sys.modules if k.startswith('lora_runtime')]")
+        done = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        run_cfg = validate_config(yaml.safe_load(Path(config).read_text()))
+        run_cfg.actor.model.lora_path = str(out / "adapter")
+        with torch.no_grad():
+            expected = build_actor(run_cfg, log=lambda m: None).eval().double()(pixels.double(), ids)
+        got = torch.load(tmp_path / "out.pt").double()
+        assert ((got - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("extra", "patterns"),
+    [
+        (["--format", "torchscript", "--out", "{tmp}/a.pt2"], ["export --out", "must end with '.pt'"]),
+        (["--format", "aoti", "--out", "{tmp}/nodir/a.pt2"], ["export --out", "does not exist"]),
+        (["--format", "aoti", "--out", "{tmp}/c.yaml"], ["must end with '.pt2'"]),
+        (["--format", "torchscript", "--out", "{tmp}/a.pt", "--set", "actor.model.lora_path=null"], ["lora_path is null", "nothing trained"]),
+    ],
+)
+def test_export_bad_input_exit_2_and_writes_nothing(tmp_path, trained, capsys, extra, patterns):
+    config, out = trained
+    (tmp_path / "c.yaml").write_text(Path(config).read_text())
+    before = snapshot_files(tmp_path)
+    argv = ["export", str(tmp_path / "c.yaml"), "--set", f"actor.model.lora_path={out / 'adapter'}"]
+    assert_usage_error(capsys, argv + [a.format(tmp=tmp_path) for a in extra], *patterns)
+    assert snapshot_files(tmp_path) == before

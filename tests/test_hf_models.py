@@ -223,3 +223,32 @@ def test_auto_peft_model_loads_our_adapter(qwen_tied, tmp_path):
     assert cfg["task_type"] == "CAUSAL_LM"
     theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), local_files_only=True)
     _close(logits(theirs, ids), ours, 1e-5)
+
+
+# ----------------------------------------------------------------------------- a vision-language model
+
+
+def test_llava_merged_folder_with_processor_reloads_with_equal_logits(tmp_path):
+    from tests.hf_folders import IMAGE_SIZE, IMAGE_TOKEN, llava_folder
+
+    base = llava_folder(str(tmp_path / "base"))
+    model = patched(load_model_folder(base))
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    paths = [p for p, _ in iter_lora_layers(model)]
+    assert "lm_head" in paths and any("vision_tower" in p for p in paths)
+    ids = torch.cat([torch.full((2, 4), IMAGE_TOKEN), token_batch(length=5)], dim=1)  # [2, 4 image + 5 text]
+    pixels = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
+
+    def run(m, dtype):
+        with torch.no_grad():
+            return m(input_ids=ids, pixel_values=pixels.to(dtype), use_cache=False).logits
+
+    expected = run(copy.deepcopy(model).double(), torch.float64)
+    merge_lora(model)
+    out = str(tmp_path / "merged")
+    save_model_folder(model, out)
+    assert {"processor_config.json", "tokenizer.json", "chat_template.jinja"} <= set(os.listdir(out))
+    reloaded = transformers.AutoModelForImageTextToText.from_pretrained(out, local_files_only=True)
+    _close(run(reloaded, torch.float32), expected, 1e-5)
+    processor = transformers.AutoProcessor.from_pretrained(out, local_files_only=True)
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == IMAGE_TOKEN

@@ -3,6 +3,7 @@
     lora-runtime train CONFIG [--set dotted.key=value ...]
     lora-runtime inspect CONFIG [--set ...]
     lora-runtime merge --adapter DIR --out DIR (--base DIR | [CONFIG] [--set ...])
+    lora-runtime export CONFIG --format torchscript|aoti [--merged] --out FILE [--set ...]
     lora-runtime demo [--configs DIR] [--output-root DIR] [--set ...]
     lora-runtime bench [bench options ...]
 
@@ -62,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", metavar="CONFIG", help="run YAML naming the base (default: DIR/../config.yaml)")
     _add_set(p)
 
+    p = sub.add_parser("export", help="write the actor as a TorchScript file or an AOTInductor package",
+                       description="Build the actor of CONFIG (its trained adapter: actor.model.lora_path, or a "
+                       "full-mode model folder) and write its forward as a TorchScript file (.pt; torch.jit.load / "
+                       "torch::jit::load) or an AOTInductor package (.pt2; torch._inductor.aoti_load_package / "
+                       "torch::inductor::AOTIModelPackageLoader). Unmerged files call the fused op: load "
+                       "lora_runtime.ops.library_path() first. --merged folds the adapter in: plain torch.")
+    p.add_argument("config", metavar="CONFIG", help="the run's YAML file (e.g. RUN/config.yaml with --set actor.model.lora_path=RUN/adapter)")
+    p.add_argument("--format", required=True, choices=["torchscript", "aoti"], help="torchscript (.pt) or aoti (.pt2)")
+    p.add_argument("--merged", action="store_true", help="fold the adapter into the weights first (the file needs only torch)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to create (.pt or .pt2; must not exist)")
+    _add_set(p)
+
     p = sub.add_parser("demo", help="run new -> resume -> full from configs/ and compare them",
                        description="Train configs/lora_new.yaml, then configs/lora_resume.yaml (resuming the "
                        "adapter the first run saved), then configs/full.yaml, each in its own process, and "
@@ -111,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lora_runtime.cli.commands import run_merge  # deferred: start-up time
 
             return run_merge(args.adapter, args.out, args.config, args.overrides, base=args.base)
+        if args.command == "export":
+            from lora_runtime.cli.export import run_export  # deferred: start-up time
+
+            return run_export(args.config, args.format, args.merged, args.out, args.overrides)
         from lora_runtime.cli.demo import run_demo  # deferred: start-up time
 
         return run_demo(args.configs, args.output_root, args.overrides)
