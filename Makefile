@@ -1,5 +1,7 @@
 # Set-up and entry points. `make demo` and `make test` each create .venv when missing,
-# install torch (2.13.0 CPU when no torch is importable), build the extension and run.
+# install torch==2.13.0 when the venv has none (from pip's configured index: on Linux from
+# PyPI that is the CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the
+# CPU-only build), build the extension and run.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -17,7 +19,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.deps: $(PY) pyproject.toml
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet setuptools wheel ninja
 	$(PY) -m pip install --quiet safetensors "pydantic>=2" numpy pyyaml pytest pytest-benchmark \
 		hypothesis transformers peft matplotlib rich ruff
