@@ -335,3 +335,16 @@ def test_export_bad_input_exit_2_and_writes_nothing(tmp_path, trained, capsys, e
     argv = ["export", str(tmp_path / "c.yaml"), "--set", f"actor.model.lora_path={out / 'adapter'}"]
     assert_usage_error(capsys, argv + [a.format(tmp=tmp_path) for a in extra], *patterns)
     assert snapshot_files(tmp_path) == before
+
+
+def test_outputs_inside_another_runs_results_are_refused(tmp_path, trained, base_dir, capsys):
+    config, out = trained
+    before = snapshot_files(out)
+    adapter = str(out / "adapter")
+    assert_usage_error(capsys, ["merge", "--adapter", adapter, "--out", str(out / "merged"), config],
+                       "merge --out=", "inside the results of the run in")
+    assert_usage_error(capsys, ["export", config, "--set", f"actor.model.lora_path={adapter}", "--format",
+                                "torchscript", "--out", str(out / "adapter" / "a.pt")], "export --out=", "inside the results")
+    nested = write_yaml(tmp_path / "n.yaml", tiny_raw(out / "nested", base_dir, steps=1))
+    assert_usage_error(capsys, ["train", nested], "trainer.output_dir=", "inside the results of the run in")
+    assert snapshot_files(out) == before

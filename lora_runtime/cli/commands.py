@@ -39,6 +39,29 @@ def prefixed_errors(source: str) -> Iterator[None]:
         raise type(exc)(f"{source}: {text}") from None
 
 
+RUN_MARKERS = ("metrics.jsonl", "summary.json")  # files every `train` run writes at its top
+
+
+def check_not_in_run(path: str, key: str) -> None:
+    """Refuses a path inside another run's results folder (an ancestor holding a run's
+    `metrics.jsonl` / `summary.json`): writing there would mix outputs with that run's.
+
+    Raises:
+        UsageError: naming `key`, the path and the run folder.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if any(os.path.isfile(os.path.join(folder, m)) for m in RUN_MARKERS):
+            raise UsageError(
+                f"{key}={path!r} is inside the results of the run in {folder}; nothing was changed. "
+                "Write it to a folder of its own, outside that run"
+            )
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return
+        folder = parent
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -47,6 +70,9 @@ def run_train(config: str, overrides: Sequence[str] = ()) -> int:
     """`lora-runtime train`: returns 0, or 130 when Ctrl-C stopped the run (after saving)."""
     run_cfg = load_config(config, list(overrides))
     with prefixed_errors(config):
+        check_not_in_run(run_cfg.trainer.output_dir, "trainer.output_dir")
+        if run_cfg.trainer.base_dir is not None:
+            check_not_in_run(os.path.join(run_cfg.trainer.base_dir, "x"), "trainer.base_dir")
         result = train(run_cfg, log=_log, display=ConsoleDisplay())
     if result.interrupted:
         s = result.summary
@@ -139,6 +165,7 @@ def run_merge(adapter: str, out: str, config: str | None, overrides: Sequence[st
         raise UsageError(f"merge --out {out!r} already exists and is not an empty folder; nothing was "
                          "changed. Pick a new folder for the merged model")
     check_output_dir(out, overwrite=True, key="merge --out")
+    check_not_in_run(out, "merge --out")
     load = _merge_base(base, adapter, config, overrides)
     model = load()
     try:

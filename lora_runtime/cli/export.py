@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lora_runtime.cli.commands import check_not_in_run
 from lora_runtime.config import load_config
 from lora_runtime.deploy import export_aoti, export_torchscript, needs_op_library
 from lora_runtime.rl.actor_setup import build_actor, make_task
@@ -51,6 +52,7 @@ def _check_out(out: str, fmt: str) -> str:
         raise UsageError(f"export --out {out!r}: the folder {parent} does not exist; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"export --out {out!r}: the folder {parent} is not writable; {fix}")
+    check_not_in_run(out, "export --out")
     return path
 
 
