@@ -101,7 +101,9 @@ def test_outputs_of_a_run(new_run, base_dir):
     names = set(os.listdir(out))
     assert names == {"adapter", "train_state", "metrics.jsonl", "summary.json", "curves.png", "config.yaml"}
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert os.listdir(out / "train_state") == ["state.pt"]
+    assert sorted(os.listdir(out / "train_state")) == [".metadata", "__0_0.distcp", "meta.json"]
+    meta = json.loads((out / "train_state" / "meta.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["mode"], meta["format"]) == (12, 1, "new", 2)
     cfg = validate_config(__import__("yaml").safe_load((out / "config.yaml").read_text()))
     assert os.path.abspath(cfg.trainer.base_dir) == str(base_dir)
 
@@ -147,19 +149,23 @@ def test_full_mode_trains_every_parameter(tmp_path, base_dir, base_state):
     assert read_metrics(tmp_path / "full" / "metrics.jsonl")[0]["kl"] == 0.0  # frozen copy == policy
 
 
-def test_ctrl_c_saves_a_last_checkpoint(tmp_path, base_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_last_checkpoint(tmp_path, base_dir, sig):
     def interrupt(record):
         if record["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
-    previous = signal.getsignal(signal.SIGINT)
-    result = run(tiny_raw(tmp_path / "run", base_dir, steps=50), on_step=interrupt)
-    assert signal.getsignal(signal.SIGINT) is previous  # handler restored
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    result = run(tiny_raw(tmp_path / "run", base_dir, steps=50, save_every=2), on_step=interrupt)
+    assert {s: signal.getsignal(s) for s in previous} == previous  # handlers restored
     assert result.interrupted and result.summary["steps_run"] == 2 and result.summary["interrupted"]
-    state = torch.load(tmp_path / "run" / "train_state" / "state.pt", weights_only=True)
-    assert state["step"] == 2
-    assert (tmp_path / "run" / "adapter" / ADAPTER_WEIGHTS_NAME).is_file()
-    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert result.stop_signal == sig.name
+    out = tmp_path / "run"
+    assert result.saved == [str(out / n) for n in ("adapter", "train_state", "metrics.jsonl", "summary.json")]
+    assert json.loads((out / "train_state" / "meta.json").read_text())["step"] == 2
+    assert (out / "adapter" / ADAPTER_WEIGHTS_NAME).is_file()
+    assert len(read_metrics(out / "metrics.jsonl")) == 2
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging folder left
 
 
 def test_existing_results_are_not_overwritten(tmp_path, base_dir):
