@@ -187,6 +187,31 @@ def test_load_adapter_fills_the_distributed_model(run_dir, case):
         torch.testing.assert_close(res["reloaded_logits"], res["logits"], rtol=0, atol=0)
 
 
+def test_merged_and_compile_actor_on_a_sharded_actor_match_one_process(tmp_path):
+    """FSDP2 on 2 ranks: `merged()` enters (logits of the merged weights) and leaves with
+    every weight bit-exact; `compile_actor` gives the same logits and adapter gradients."""
+    rc, out = launch("sharded_ops", tmp_path)
+    assert rc == 0, f"2-rank run failed (exit {rc}):\n{out[-6000:]}"
+    model = W.build("tiny")
+    ref = W.sharded_ops(model, model)  # the same calls, unsharded, on the whole batch
+    assert ref["restored_exactly"] and ref["merged_layers"] == len(list(iter_lora_layers(model)))
+    base = {path: layer.base_layer.weight for path, layer in iter_lora_layers(W.build("tiny"))}
+    assert all(not torch.equal(ref["merged_weights"][path], w) for path, w in base.items())  # non-zero B
+    for rank in (0, 1):
+        res = torch.load(tmp_path / f"sharded_ops.rank{rank}.pt")
+        assert res["restored_exactly"] and res["merged_layers"] == ref["merged_layers"]
+        torch.testing.assert_close(res["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res["merged_logits"], res["logits"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res["merged_logits"], ref["merged_logits"], rtol=1e-5, atol=1e-5)
+        assert res["merged_weights"].keys() == ref["merged_weights"].keys()
+        for path, w in ref["merged_weights"].items():
+            torch.testing.assert_close(res["merged_weights"][path], w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(res["compiled_logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+        for key, grad in ref["compiled_grads"].items():
+            assert grad.abs().sum() > 0, key
+            assert rel_err(res["compiled_grads"][key], grad) < 1e-5, key
+
+
 def test_failing_rank_ends_the_run_without_partial_adapter(tmp_path):
     rc, out = launch("fail", tmp_path)
     assert rc != 0
