@@ -269,8 +269,9 @@ def test_full_mode_continues_from_its_model_folder(tmp_path, base_dir):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_cli_exit_code_and_message_after_a_signal(tmp_path, base_dir, monkeypatch, capsys, sig, code):
-    import lora_runtime.cli.commands as commands
     from tiny_runs import write_yaml
+
+    from lora_runtime.cli import commands
 
     def interrupt(record):
         if record["step"] == 2:
@@ -281,8 +282,9 @@ def test_cli_exit_code_and_message_after_a_signal(tmp_path, base_dir, monkeypatc
     out = tmp_path / "run"
     assert commands.run_train(write_yaml(tmp_path / "run.yaml", tiny_raw(out, base_dir, steps=50))) == code
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("stopped by")]
-    assert lines == [f"stopped by {sig.name} after step 2: saved adapter/, train_state/, metrics.jsonl, "
-                     f"summary.json in {out}; a resume run continues from there"]
+    expected = (f"stopped by {sig.name} after step 2: saved adapter/, train_state/, metrics.jsonl, "
+                f"summary.json in {out}; a resume run continues from there")
+    assert lines == [expected]
     assert {"adapter", "train_state", "metrics.jsonl", "summary.json"} <= set(os.listdir(out))
 
 
