@@ -38,14 +38,7 @@ from lora_runtime._dist import full_tensor, local_rows
 from lora_runtime.adapters.layer import LoRALinear, accumulation_dtype
 from lora_runtime.adapters.targets import iter_lora_layers, restore_base_layers, unwrap_model
 
-__all__ = [
-    "MergeError",
-    "MergeStats",
-    "check_mergeable",
-    "merge_lora",
-    "merged",
-    "merged_weight",
-]
+__all__ = ["MergeError", "MergeStats", "check_mergeable", "merge_lora", "merged", "merged_weight"]
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -201,8 +194,8 @@ class _Restore:
     lora_a: torch.Tensor  # [r, in], snapshot at entry
     lora_b: torch.Tensor  # [out, r], snapshot at entry
     checksum: int  # sum of W's bit patterns, to verify the restore
-    weight_version: int | None  # W._version right after merging (None: an FSDP2 shard, whose
-    # storage FSDP2 itself rewrites around forwards; the bit-exact checksum still guards it)
+    weight_version: int | None  # W._version after merging; None for an FSDP2 shard, whose
+    # storage FSDP2 rewrites around forwards (the bit-exact checksum still guards it)
     adapter_versions: tuple[int, int]
 
     @property
@@ -250,16 +243,11 @@ def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _local_weight_and_delta(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The base weight rows this rank holds (all of them unsharded; an FSDP2 shard's rows
-    otherwise, as a plain tensor sharing the parameter's storage) and their delta
-    `scaling * B[rows] @ A`, `[rows, in]` float32 (float64 for float64 W). A collective for
-    sharded adapters (A and B are gathered: `r * (in + out)` elements)."""
+    """This rank's base weight rows (all, unsharded; an FSDP2 shard's, sharing its storage) and
+    their delta `scaling * B[rows] @ A` `[rows, in]` (as `get_delta_weight`; A, B gathered)."""
     weight, rows = local_rows(layer.base_layer.weight.detach())  # [rows, in]
-    if not any(isinstance(t, DTensor) for t in (layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight)):
-        return weight, layer.get_delta_weight()
-    dtype = accumulation_dtype(weight.dtype)
-    a = full_tensor(layer.lora_A.weight.detach()).to(dtype)  # [r, in]
-    b = full_tensor(layer.lora_B.weight.detach())[rows].to(dtype)  # [rows, r]
+    a = full_tensor(layer.lora_A.weight.detach()).to(accumulation_dtype(weight.dtype))  # [r, in]
+    b = full_tensor(layer.lora_B.weight.detach())[rows].to(a.dtype)  # [rows, r]
     return weight, (b @ a) * layer.scaling
 
 
@@ -287,8 +275,7 @@ def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
     )
     del patch
     weight.copy_(merged_w)
-    sharded = isinstance(layer.base_layer.weight, DTensor)
-    restore.weight_version = None if sharded else weight._version
+    restore.weight_version = None if isinstance(layer.base_layer.weight, DTensor) else weight._version
     layer.merged = True
     return restore
 
