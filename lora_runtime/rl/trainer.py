@@ -302,6 +302,6 @@ def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, lo
     if note:
         log(f"curves.png not written: {note}")
     write_json_atomic(os.path.join(out, "summary.json"), summary)
-    result.saved += [os.path.join(out, "metrics.jsonl"), os.path.join(out, "summary.json")]
+    result.saved += [os.path.join(out, n) for n in ("metrics.jsonl", "summary.json", "curves.png") if n != "curves.png" or not note]
     display.summary(summary)
     return result
