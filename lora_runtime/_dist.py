@@ -26,6 +26,7 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "is_sharded",
+    "local_rows",
     "reshard",
 ]
 
@@ -71,6 +72,23 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     A collective for a DTensor: every rank of its mesh must call it, in the same order.
     """
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """This rank's part of `t` (a plain tensor sharing its storage) and the rows (dim 0) of
+    the whole tensor it holds: an FSDP2 shard's, or all of a plain tensor. No communication.
+
+    Raises:
+        ValueError: a DTensor sharded other than on dim 0 (FSDP2 shards dim 0 only).
+    """
+    if not isinstance(t, DTensor):
+        return t, slice(0, t.shape[0])
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if any(offset[1:]) or tuple(shape[1:]) != tuple(t.shape[1:]):
+        raise ValueError(f"local_rows: a DTensor with placements {t.placements} is not sharded on dim 0 alone")
+    return t.to_local(), slice(offset[0], offset[0] + shape[0])
 
 
 def reshard(model: nn.Module) -> None:

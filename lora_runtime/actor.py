@@ -24,7 +24,11 @@ __all__ = ["prepare_actor"]
 
 
 def prepare_actor(
-    model: nn.Module, model_cfg: ActorModelConfig, adapter: AdapterFiles | None = None
+    model: nn.Module,
+    model_cfg: ActorModelConfig,
+    adapter: AdapterFiles | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Applies the config's mode to a freshly loaded base model.
 
@@ -42,15 +46,24 @@ def prepare_actor(
         model_cfg: the validated `actor.model` section.
         adapter: resume mode only: `lora_path` already read with `read_adapter` (to check
             it before an expensive base load); None reads it here.
+        generator: "new" mode: the CPU generator the adapters are drawn from (the same
+            state gives the same adapters in any process).
+        seed: "new" mode: shorthand for `generator=torch.Generator().manual_seed(seed)`.
+            With neither, the adapters come from torch's default generator, which torch
+            seeds at random in every process: pass one for a reproducible run.
 
     Returns:
         `model`, prepared in place.
 
     Raises:
-        ValueError: see `apply_lora`.
+        ValueError: both `generator` and `seed` given; see `apply_lora`.
         AdapterError: resume with a missing, malformed or mismatching adapter (the model is
             left unpatched).
     """
+    if generator is not None and seed is not None:
+        raise ValueError("prepare_actor: pass generator or seed, not both")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
     if any(True for _ in iter_lora_layers(model)):
         raise ValueError("prepare_actor: the model is already patched; pass the base model")
     mode = model_cfg.mode
@@ -68,6 +81,7 @@ def prepare_actor(
             exclude_modules=model_cfg.exclude_modules,
             init=model_cfg.init_lora_weights,
             use_rslora=model_cfg.use_rslora,
+            generator=generator,
         )
         _cast_adapters(model, model_cfg.adapter_dtype)
     else:

@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py SCENARIO OUT_DIR
 
 Scenarios: "train" (FSDP2 and DDP runs of a tiny Llama and of a small model of our own;
-results in OUT_DIR/<case>.rank<r>.pt, adapters in OUT_DIR/adapter_<case>) and "fail"
+results in OUT_DIR/<case>.rank<r>.pt, adapters in OUT_DIR/adapter_<case>), "sharded_ops"
+(`merged()`, `compile_actor` and a compiled training step on an FSDP2-sharded actor) and "fail"
 (rank 1 raises while rank 0 saves). The test imports this module too, to run the same
 steps in one process on the global batch.
 """
@@ -191,6 +192,44 @@ def run_case(case: str, out_dir: str) -> None:
     torch.save(out, os.path.join(out_dir, f"{case}.rank{distributed.get_rank()}.pt"))
 
 
+def sharded_ops(model: nn.Module, wrapped: nn.Module) -> dict:
+    """`merged()`, `compile_actor` and one training step through the compiled actor, on
+    `wrapped` (sharded, or the plain model in one process): logits, weights, gradients."""
+    from lora_runtime.adapters import merged
+    from lora_runtime.compile import compile_actor
+
+    ids = eval_ids()
+    out: dict = {}
+    before = {n: distributed.full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        out["logits"] = logits_of(wrapped, ids)
+        with merged(wrapped) as stats:
+            out["merged_logits"] = logits_of(wrapped, ids)
+            out["merged_weights"] = {
+                path: distributed.full_tensor(layer.base_layer.weight.detach()).clone()
+                for path, layer in iter_lora_layers(model)
+            }
+        out["merged_layers"] = stats.layers
+    after = {n: distributed.full_tensor(p.detach()) for n, p in model.named_parameters()}
+    out["restored_exactly"] = all(torch.equal(before[n], after[n]) for n in before)
+    compiled = compile_actor(wrapped, backend="aot_eager")
+    with torch.no_grad():
+        out["compiled_logits"] = logits_of(compiled, ids)
+    loss_of(compiled, batches()[0][distributed.rank_slice(GLOBAL_BATCH)]).backward()
+    out["compiled_grads"] = {
+        f"{path}.{kind}": distributed.full_tensor(getattr(layer, kind).weight.grad).clone()
+        for path, layer in iter_lora_layers(model)
+        for kind in ("lora_A", "lora_B")
+    }
+    return out
+
+
+def run_sharded_ops(out_dir: str) -> None:
+    model = build("tiny")
+    out = sharded_ops(model, distributed.shard_actor(model))
+    torch.save(out, os.path.join(out_dir, f"sharded_ops.rank{distributed.get_rank()}.pt"))
+
+
 def run_fail(out_dir: str) -> None:
     model = build("tiny")
     wrapped = distributed.shard_actor(model)
@@ -209,10 +248,12 @@ def main(argv: list[str]) -> None:
         if scenario == "train":
             for case in CASES:
                 run_case(case, out_dir)
+        elif scenario == "sharded_ops":
+            run_sharded_ops(out_dir)
         elif scenario == "fail":
             run_fail(out_dir)
         else:
-            raise ValueError(f"unknown scenario {scenario!r}; allowed 'train', 'fail'")
+            raise ValueError(f"unknown scenario {scenario!r}; allowed 'train', 'sharded_ops', 'fail'")
     finally:
         distributed.shutdown_distributed()
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dist_worker as W
@@ -186,6 +187,31 @@ def test_load_adapter_fills_the_distributed_model(run_dir, case):
         torch.testing.assert_close(res["reloaded_logits"], res["logits"], rtol=0, atol=0)
 
 
+def test_merged_and_compile_actor_on_a_sharded_actor_match_one_process(tmp_path):
+    """FSDP2 on 2 ranks: `merged()` enters (logits of the merged weights) and leaves with
+    every weight bit-exact; `compile_actor` gives the same logits and adapter gradients."""
+    rc, out = launch("sharded_ops", tmp_path)
+    assert rc == 0, f"2-rank run failed (exit {rc}):\n{out[-6000:]}"
+    model = W.build("tiny")
+    ref = W.sharded_ops(model, model)  # the same calls, unsharded, on the whole batch
+    assert ref["restored_exactly"] and ref["merged_layers"] == len(list(iter_lora_layers(model)))
+    base = {path: layer.base_layer.weight for path, layer in iter_lora_layers(W.build("tiny"))}
+    assert all(not torch.equal(ref["merged_weights"][path], w) for path, w in base.items())  # non-zero B
+    for rank in (0, 1):
+        res = torch.load(tmp_path / f"sharded_ops.rank{rank}.pt")
+        assert res["restored_exactly"] and res["merged_layers"] == ref["merged_layers"]
+        torch.testing.assert_close(res["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res["merged_logits"], res["logits"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res["merged_logits"], ref["merged_logits"], rtol=1e-5, atol=1e-5)
+        assert res["merged_weights"].keys() == ref["merged_weights"].keys()
+        for path, w in ref["merged_weights"].items():
+            torch.testing.assert_close(res["merged_weights"][path], w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(res["compiled_logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+        for key, grad in ref["compiled_grads"].items():
+            assert grad.abs().sum() > 0, key
+            assert rel_err(res["compiled_grads"][key], grad) < 1e-5, key
+
+
 def test_failing_rank_ends_the_run_without_partial_adapter(tmp_path):
     rc, out = launch("fail", tmp_path)
     assert rc != 0
@@ -212,37 +238,129 @@ def base_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("base")
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_cli_train_under_torchrun(tmp_path, base_dir, mode):
+def start_torchrun(args: list[str]) -> subprocess.Popen:
+    """`torchrun --nproc_per_node 2 ARGS` in a new session (its own process group)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def cli_args(out_dir: Path, base_dir: Path, mode: str, *settings: str) -> list[str]:
+    kv = [*TRAIN_SETTINGS, f"trainer.distributed={mode}", f"trainer.output_dir={out_dir}",
+          f"trainer.base_dir={base_dir}", "trainer.lr_schedule=constant", *settings]
+    return ["-m", "lora_runtime.cli", "train", str(CONFIG), *[a for s in kv for a in ("--set", s)]]
+
+
+def wait_for_steps(proc: subprocess.Popen, metrics: Path, n: int) -> None:
+    """Waits until rank 0 has written `n` metrics lines (the run goes on meanwhile)."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"the run did not reach step {n}:\n{proc.communicate()[0][-4000:]}")
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the run did not end within {LAUNCH_TIMEOUT_S}s:\n{proc.communicate()[0][-4000:]}")
+    return proc.returncode, out
+
+
+def compared(out_dir: Path) -> list[dict]:
+    """metrics.jsonl without the measured fields (times)."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("step_time_s", "samples_per_s")}
+            for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def stopped_step(out: str, sig: str) -> int:
+    """The step of the one 'stopped by' message, checking it names only files on disk."""
+    (line,) = [ln for ln in out.splitlines() if ln.startswith(f"stopped by {sig} after step")]
+    return int(line.split("after step ")[1].split(":")[0])
+
+
+@pytest.mark.parametrize("mode, stop", [("fsdp", "SIGINT"), ("ddp", "SIGTERM")])
+def test_cli_stop_and_resume_under_torchrun(tmp_path, base_dir, mode, stop):
+    """6 straight steps == k steps stopped by a signal + a resume run of 6 - k steps.
+
+    SIGINT goes to the whole process group (a terminal's Ctrl-C: torchrun and every rank);
+    SIGTERM to torchrun alone (a scheduler), which sends it on to the ranks."""
     from lora_runtime.adapters import apply_and_load_adapter
     from lora_runtime.rl.hf_loading import load_model_folder
 
-    out_dir = tmp_path / "run"
-    settings = [*TRAIN_SETTINGS, f"trainer.distributed={mode}", f"trainer.output_dir={out_dir}"]
-    settings.append(f"trainer.base_dir={base_dir}")
-    rc, out = torchrun(
-        [
-            "-m",
-            "lora_runtime.cli",
-            "train",
-            str(CONFIG),
-            *[a for kv in settings for a in ("--set", kv)],
-        ]
-    )
+    rc, out = finish(start_torchrun(cli_args(tmp_path / "straight", base_dir, mode, "trainer.steps=6")))
     assert rc == 0, out[-6000:]
-    assert out.count("run: mode new") == 1, out[-3000:]  # rank 0 alone logs
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert [r["step"] for r in records] == [1, 2]  # written once, by rank 0
-    assert all(r["samples_per_s"] > 0 and r["grad_norm"] >= 0 for r in records)
-    written = sorted(p.name for p in out_dir.iterdir())
-    assert written == ["adapter", "config.yaml", "metrics.jsonl", "summary.json"]
+    assert out.count("run: mode new") == 0 and out.count("straight: mode new") == 1, out[-3000:]  # rank 0 alone logs
+    straight = compared(tmp_path / "straight")
+    assert [r["step"] for r in straight] == list(range(1, 7))
+
+    first = tmp_path / "first"
+    proc = start_torchrun(cli_args(first, base_dir, mode, "trainer.steps=1000"))
+    wait_for_steps(proc, first / "metrics.jsonl", 2)
+    if stop == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == 1, out[-3000:]  # torchrun turns the signal it got into an error (see README)
+    k = stopped_step(out, stop)
+    assert 2 <= k < 6, out[-3000:]
+    assert sorted(p.name for p in first.iterdir()) == [
+        "adapter", "config.yaml", "metrics.jsonl", "summary.json", "train_state"]
+    assert f"saved adapter/, train_state/, metrics.jsonl, summary.json in {first}" in out
+    assert [r["step"] for r in compared(first)] == list(range(1, k + 1))
+    meta = json.loads((first / "train_state" / "meta.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["distributed"]) == (k, 2, mode)
+    assert json.loads((first / "summary.json").read_text())["interrupted"] is True
+
+    second = tmp_path / "second"
+    rc, out = finish(start_torchrun(cli_args(
+        second, base_dir, mode, f"trainer.steps={6 - k}", f"actor.model.lora_path={first / 'adapter'}")))
+    assert rc == 0, out[-6000:]
+    assert f"continuing from {first / 'train_state'} (optimizer, RNG) at step {k}" in out
+    assert compared(second) == straight[k:]
+    for name in FILES:
+        assert (second / "adapter" / name).read_bytes() == (tmp_path / "straight" / "adapter" / name).read_bytes()
     (base,) = base_dir.iterdir()
-    model = apply_and_load_adapter(load_model_folder(str(base)), out_dir / "adapter")
-    summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["steps_run"] == 2 and summary["lora_layers"] == len(
-        list(iter_lora_layers(model))
-    )
+    model = apply_and_load_adapter(load_model_folder(str(base)), second / "adapter")
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps_run"] == 6 - k and summary["lora_layers"] == len(list(iter_lora_layers(model)))
+
+
+def _rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (read from /proc)."""
+    ranks = {}
+    for pid in Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0][5:])] = int(pid)
+    return ranks
+
+
+def test_killed_rank_ends_the_run_and_leaves_the_last_save(tmp_path, base_dir):
+    """kill -9 of rank 1 while the run saves every step: torchrun ends non-zero, and the
+    folder holds complete weights and train state of one step, nothing half-written."""
+    from lora_runtime.adapters import read_adapter
+
+    out_dir = tmp_path / "run"
+    proc = start_torchrun(cli_args(out_dir, base_dir, "fsdp", "trainer.steps=1000", "trainer.save_every=1"))
+    wait_for_steps(proc, out_dir / "metrics.jsonl", 3)
+    os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc != 0
+    assert "stopped by" not in out
+    meta = json.loads((out_dir / "train_state" / "meta.json").read_text())
+    assert meta["step"] >= 2 and (out_dir / "train_state" / ".metadata").is_file()
+    assert {p.name for p in (out_dir / "train_state").iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"}
+    read_adapter(str(out_dir / "adapter"))  # complete and valid
+    assert not [p.name for p in out_dir.iterdir() if ".writing-" in p.name or ".old-" in p.name]
 
 
 def test_train_with_distributed_mode_needs_torchrun(tmp_path, monkeypatch):

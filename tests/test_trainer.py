@@ -101,7 +101,9 @@ def test_outputs_of_a_run(new_run, base_dir):
     names = set(os.listdir(out))
     assert names == {"adapter", "train_state", "metrics.jsonl", "summary.json", "curves.png", "config.yaml"}
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert os.listdir(out / "train_state") == ["state.pt"]
+    assert sorted(os.listdir(out / "train_state")) == [".metadata", "__0_0.distcp", "meta.json"]
+    meta = json.loads((out / "train_state" / "meta.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["mode"], meta["format"]) == (12, 1, "new", 2)
     cfg = validate_config(__import__("yaml").safe_load((out / "config.yaml").read_text()))
     assert os.path.abspath(cfg.trainer.base_dir) == str(base_dir)
 
@@ -147,19 +149,23 @@ def test_full_mode_trains_every_parameter(tmp_path, base_dir, base_state):
     assert read_metrics(tmp_path / "full" / "metrics.jsonl")[0]["kl"] == 0.0  # frozen copy == policy
 
 
-def test_ctrl_c_saves_a_last_checkpoint(tmp_path, base_dir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_last_checkpoint(tmp_path, base_dir, sig):
     def interrupt(record):
         if record["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
-    previous = signal.getsignal(signal.SIGINT)
-    result = run(tiny_raw(tmp_path / "run", base_dir, steps=50), on_step=interrupt)
-    assert signal.getsignal(signal.SIGINT) is previous  # handler restored
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    result = run(tiny_raw(tmp_path / "run", base_dir, steps=50, save_every=2), on_step=interrupt)
+    assert {s: signal.getsignal(s) for s in previous} == previous  # handlers restored
     assert result.interrupted and result.summary["steps_run"] == 2 and result.summary["interrupted"]
-    state = torch.load(tmp_path / "run" / "train_state" / "state.pt", weights_only=True)
-    assert state["step"] == 2
-    assert (tmp_path / "run" / "adapter" / ADAPTER_WEIGHTS_NAME).is_file()
-    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert result.stop_signal == sig.name
+    out = tmp_path / "run"
+    assert result.saved == [str(out / n) for n in ("adapter", "train_state", "metrics.jsonl", "summary.json")]
+    assert json.loads((out / "train_state" / "meta.json").read_text())["step"] == 2
+    assert (out / "adapter" / ADAPTER_WEIGHTS_NAME).is_file()
+    assert len(read_metrics(out / "metrics.jsonl")) == 2
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging folder left
 
 
 def test_existing_results_are_not_overwritten(tmp_path, base_dir):
@@ -259,3 +265,63 @@ def test_full_mode_continues_from_its_model_folder(tmp_path, base_dir):
     straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed = load_file(tmp_path / "b" / "model" / "model.safetensors")
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_cli_exit_code_and_message_after_a_signal(tmp_path, base_dir, monkeypatch, capsys, sig, code):
+    from tiny_runs import write_yaml
+
+    from lora_runtime.cli import commands
+
+    def interrupt(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), sig)
+
+    real_train = commands.train
+    monkeypatch.setattr(commands, "train", lambda cfg, **kw: real_train(cfg, on_step=interrupt, **kw))
+    out = tmp_path / "run"
+    assert commands.run_train(write_yaml(tmp_path / "run.yaml", tiny_raw(out, base_dir, steps=50))) == code
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("stopped by")]
+    expected = (f"stopped by {sig.name} after step 2: saved adapter/, train_state/, metrics.jsonl, "
+                f"summary.json in {out}; a resume run continues from there")
+    assert lines == [expected]
+    assert {"adapter", "train_state", "metrics.jsonl", "summary.json"} <= set(os.listdir(out))
+
+
+def test_train_state_of_another_world_size_is_refused(tmp_path, base_dir):
+    first = tmp_path / "first"
+    run(tiny_raw(first, base_dir, steps=2))
+    meta_path = first / "train_state" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "world_size": 2}))
+    with pytest.raises(UsageError, match=r"train_state: the training state was saved by 2 process\(es\), this run has 1; "
+                       r".*--nproc_per_node 2 or start with a fresh optimizer: --set trainer.resume_train_state=false"):
+        run(tiny_raw(tmp_path / "second", base_dir, mode="resume", lora_path=first / "adapter", steps=2))
+    assert not (tmp_path / "second").exists()
+    meta_path.write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(UsageError, match=r"meta.json: training state format 1, this version reads format 2"):
+        run(tiny_raw(tmp_path / "second", base_dir, mode="resume", lora_path=first / "adapter", steps=2))
+    assert not (tmp_path / "second").exists()
+    result = run(tiny_raw(tmp_path / "second", base_dir, mode="resume", lora_path=first / "adapter", steps=2,
+                          resume_train_state=False))
+    assert result.summary["first_step"] == 1
+
+
+def test_prepare_actor_draws_adapters_from_the_given_generator(base_dir):
+    from lora_runtime.actor import prepare_actor
+    from lora_runtime.rl.actor_setup import load_base
+
+    cfg = validate_config(tiny_raw(base_dir / "x", base_dir))
+    adapters = []
+    for i, kwargs in enumerate([{"seed": 5}, {"generator": torch.Generator().manual_seed(5)}, {"seed": 6}]):
+        torch.manual_seed(100 + i)  # the default generator must not matter
+        model = prepare_actor(load_base(cfg, log=quiet), cfg.actor.model, **kwargs)
+        adapters.append({p: layer.lora_A.weight.clone() for p, layer in iter_lora_layers(model)})
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert all(not torch.equal(adapters[0][k], adapters[2][k]) for k in adapters[0])
+    assert all(a.std() > 0 for a in adapters[0].values())
+    base = load_base(cfg, log=quiet)
+    with pytest.raises(ValueError, match="prepare_actor: pass generator or seed, not both"):
+        prepare_actor(base, cfg.actor.model, seed=1, generator=torch.Generator())
+    assert not list(iter_lora_layers(base))

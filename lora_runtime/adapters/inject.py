@@ -30,6 +30,7 @@ def apply_lora(
     exclude_modules: Iterable[str] = (),
     init: str = "gaussian",
     use_rslora: bool = False,
+    generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Replaces every targeted `nn.Linear` of `model` with a `LoRALinear`, in place.
 
@@ -43,6 +44,8 @@ def apply_lora(
         exclude_modules: names (same matching) never patched.
         init: "gaussian" or "kaiming" (B is zero either way, so outputs are unchanged).
         use_rslora: scaling `alpha / sqrt(r)`.
+        generator: draws every `lora_A`, in module order (a CPU generator; the same
+            generator state gives the same adapters); None uses torch's default generator.
 
     Returns:
         `model`, patched.
@@ -69,6 +72,9 @@ def apply_lora(
         (name, LoRALinear(module, rank, alpha, dropout, use_rslora=use_rslora, init=init))
         for name, module in found
     ]
+    if generator is not None:
+        for _, layer in layers:
+            layer.reset_lora_parameters(init, generator)
     for name, layer in layers:
         set_submodule(model_, name, layer)
     return model

@@ -86,14 +86,24 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters(init)
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init: str = "gaussian") -> None:
-        """Draws A (`"gaussian"`: N(0, std=1/r); `"kaiming"`: kaiming-uniform) and zeroes B."""
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, mean=0.0, std=1.0 / self.r)
-        elif init == "kaiming":
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        else:
+    def reset_lora_parameters(self, init: str = "gaussian", generator: torch.Generator | None = None) -> None:
+        """Draws A (`"gaussian"`: N(0, std=1/r); `"kaiming"`: kaiming-uniform) and zeroes B.
+
+        Args:
+            init: "gaussian" or "kaiming".
+            generator: where A is drawn from (a CPU generator; A is drawn on CPU and copied
+                for other devices); None draws from torch's default generator.
+        """
+        if init not in INIT_METHODS:
             raise ValueError(f"init={init!r}: allowed {list(INIT_METHODS)}")
+        a = torch.empty(self.lora_A.weight.shape, dtype=self.lora_A.weight.dtype)  # [r, in]
+        if generator is None and self.lora_A.weight.device.type != "cpu":
+            a = torch.empty_like(self.lora_A.weight)  # the default generator of that device
+        if init == "gaussian":
+            nn.init.normal_(a, mean=0.0, std=1.0 / self.r, generator=generator)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)
 
     def get_delta_weight(self) -> torch.Tensor:

@@ -31,21 +31,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lora_runtime._dist import full_tensor
+from lora_runtime._dist import full_tensor, local_rows
 from lora_runtime.adapters.layer import LoRALinear, accumulation_dtype
 from lora_runtime.adapters.targets import iter_lora_layers, restore_base_layers, unwrap_model
 from lora_runtime.adapters.tied import mark_untied, retie, tied_paths, untie
 
-__all__ = [
-    "MergeError",
-    "MergeStats",
-    "check_mergeable",
-    "merge_lora",
-    "merged",
-    "merged_weight",
-]
+__all__ = ["MergeError", "MergeStats", "check_mergeable", "merge_lora", "merged", "merged_weight"]
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -193,7 +187,8 @@ class _Restore:
     lora_a: torch.Tensor  # [r, in], snapshot at entry
     lora_b: torch.Tensor  # [out, r], snapshot at entry
     checksum: int  # sum of W's bit patterns, to verify the restore
-    weight_version: int  # W._version right after merging
+    weight_version: int | None  # W._version after merging; None for an FSDP2 shard, whose
+    # storage FSDP2 rewrites around forwards (the bit-exact checksum still guards it)
     adapter_versions: tuple[int, int]
 
     @property
@@ -240,12 +235,20 @@ def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return bits.reshape(-1)[: shape.numel()].view(shape).bool()
 
 
+def _local_weight_and_delta(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's base weight rows (all, unsharded; an FSDP2 shard's, sharing its storage) and
+    their delta `scaling * B[rows] @ A` `[rows, in]` (as `get_delta_weight`; A, B gathered)."""
+    weight, rows = local_rows(layer.base_layer.weight.detach())  # [rows, in]
+    a = full_tensor(layer.lora_A.weight.detach()).to(accumulation_dtype(weight.dtype))  # [r, in]
+    b = full_tensor(layer.lora_B.weight.detach())[rows].to(a.dtype)  # [rows, r]
+    return weight, (b @ a) * layer.scaling
+
+
 def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
     """Merges one layer in place and returns what restores it bit-exactly."""
-    weight = layer.base_layer.weight  # [out, in]
     a, b = layer.lora_A.weight, layer.lora_B.weight
     versions = (a._version, b._version)
-    delta = layer.get_delta_weight()  # [out, in] float32
+    weight, delta = _local_weight_and_delta(layer)  # [rows, in] each (all rows unsharded)
     merged_w = _add_delta(weight.detach(), delta.clone())  # [out, in], W's dtype
     candidate = _sub_delta(merged_w, delta)  # what the restore will compute
     del delta
@@ -265,7 +268,7 @@ def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
     )
     del patch
     weight.copy_(merged_w)
-    restore.weight_version = weight._version
+    restore.weight_version = None if isinstance(layer.base_layer.weight, DTensor) else weight._version
     layer.merged = True
     return restore
 
@@ -273,15 +276,15 @@ def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
 def _restore_layer(item: _Restore) -> list[str]:
     """Puts the original weight back; returns the problems found (empty when all is well)."""
     layer, problems = item.layer, []
-    weight = layer.base_layer.weight
     a, b = layer.lora_A.weight, layer.lora_B.weight
     if (a._version, b._version) != item.adapter_versions:
         a.copy_(item.lora_a)
         b.copy_(item.lora_b)
         problems.append(f"'{item.path}' adapters (restored to their values at entry)")
-    if weight._version != item.weight_version:
+    weight, delta = _local_weight_and_delta(layer)  # [rows, in] each
+    if item.weight_version is not None and weight._version != item.weight_version:
         problems.append(f"'{item.path}.base_layer.weight' (it cannot be restored exactly)")
-    original = _sub_delta(weight.detach(), layer.get_delta_weight())  # [out, in]
+    original = _sub_delta(weight, delta)  # [rows, in]
     if item.mask is not None:
         original[_unpack(item.mask, original.shape)] = item.values
     weight.copy_(original)

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune the actor with GRPO on the synthetic reach task. The mode comes "
                        "from actor.model: is_lora + lora_path null = new adapter, is_lora + lora_path = resume "
                        "that adapter, is_lora false = full fine-tuning. Outputs go to trainer.output_dir. "
-                       "Ctrl-C saves a last checkpoint and exits with status 130.")
+                       "Ctrl-C (SIGINT) or SIGTERM saves a last checkpoint and exits with status 130 or 143.")
     p.add_argument("config", metavar="CONFIG", help="the run's YAML file, e.g. configs/lora_new.yaml")
     _add_set(p)
 

@@ -19,7 +19,7 @@ from lora_runtime.adapters import (
     unwrap_model,
 )
 from lora_runtime.cli.console import ConsoleDisplay, print_table
-from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED
+from lora_runtime.cli.exit_codes import EXIT_SIGNALLED
 from lora_runtime.config import ConfigError, RunConfig, load_config
 from lora_runtime.rl.actor_setup import base_path, build_actor, load_base
 from lora_runtime.rl.hf_loading import load_model_folder, read_model_folder, save_model_folder
@@ -67,7 +67,8 @@ def _log(message: str) -> None:
 
 
 def run_train(config: str, overrides: Sequence[str] = ()) -> int:
-    """`lora-runtime train`: returns 0, or 130 when Ctrl-C stopped the run (after saving)."""
+    """`lora-runtime train`: returns 0, or 130 / 143 when Ctrl-C / SIGTERM stopped the run
+    (every rank finished its step and saved once)."""
     run_cfg = load_config(config, list(overrides))
     with prefixed_errors(config):
         check_not_in_run(run_cfg.trainer.output_dir, "trainer.output_dir")
@@ -75,10 +76,12 @@ def run_train(config: str, overrides: Sequence[str] = ()) -> int:
             check_not_in_run(os.path.join(run_cfg.trainer.base_dir, "x"), "trainer.base_dir")
         result = train(run_cfg, log=_log, display=ConsoleDisplay())
     if result.interrupted:
-        s = result.summary
-        _log(f"interrupted after step {s['last_step']}: saved {result.output_dir} "
-             "(weights, train_state/, metrics.jsonl); a resume run continues from there")
-        return EXIT_INTERRUPTED
+        if result.is_main:  # one message per run, naming only what is on disk
+            written = [os.path.relpath(p, result.output_dir) + ("/" if os.path.isdir(p) else "")
+                       for p in result.saved if os.path.exists(p)]
+            _log(f"stopped by {result.stop_signal} after step {result.summary['last_step']}: saved "
+                 f"{', '.join(written)} in {result.output_dir}; a resume run continues from there")
+        return EXIT_SIGNALLED[result.stop_signal]
     return 0
 
 

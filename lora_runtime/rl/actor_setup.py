@@ -38,6 +38,7 @@ from lora_runtime.rl.hf_loading import (
 from lora_runtime.rl.models.vla import TinyVLA, build_tiny_vla
 from lora_runtime.rl.outputs import check_output_dir
 from lora_runtime.rl.pretrain import clear_action_rows, pretrain_base
+from lora_runtime.rl.seeding import RunSeeds, base_seeds
 from lora_runtime.rl.tasks.reach import ReachTask, Scenes
 
 BASE_FORMAT = 2  # bump when the base recipe changes, so old cached bases are not reused
@@ -80,6 +81,7 @@ def ensure_builtin_base(run_cfg: RunConfig, log: Callable[[str], None] = print) 
     task = ReachTask(run_cfg.task, b.image_size, b.vocab_size)
     log(f"building the built-in base actor (seed {b.seed}, {b.pretrain_steps} warm-start steps) -> {folder}")
     with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base_seeds(b.seed)[1])  # nothing in the warm start draws unseeded
         report = pretrain_base(model, task, b.pretrain_steps, b.pretrain_batch_size, b.pretrain_lr, b.seed)
     clear_action_rows(model, task)
     log(f"base warm start: loss {report.final_loss:.4f}, 'where is' accuracy {report.accuracy:.3f}")
@@ -121,6 +123,8 @@ def load_base(run_cfg: RunConfig, create: bool = True, log: Callable[[str], None
 def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str], None] = print) -> nn.Module:
     """Loads the base and applies the mode of `actor.model` with `prepare_actor`.
 
+    New adapters are drawn from the "adapter_init" stream of `trainer.seed` (`RunSeeds`).
+
     Returns:
         The actor: patched with trainable adapters (new / resume) or fully trainable (full).
 
@@ -143,7 +147,8 @@ def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str
     try:
         model = load_base(run_cfg, create=create_base, log=log)
         make_task(run_cfg, model)  # fail early on a task that does not fit the model
-        return prepare_actor(model, mc, adapter=adapter)
+        generator = RunSeeds(run_cfg.trainer.seed).generator("adapter_init")
+        return prepare_actor(model, mc, adapter=adapter, generator=generator)
     except AdapterError as exc:  # the adapter does not fit this model (rank, targets, shapes)
         raise AdapterError(f"actor.model.lora_path={mc.lora_path!r}: {exc}") from None
     except ValueError as exc:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_runtime.rl.models.vla import TinyVLA
+from lora_runtime.rl.seeding import base_seeds
 from lora_runtime.rl.tasks.reach import ReachTask
 
 TOKEN_NOISE = 0.5
@@ -75,13 +76,13 @@ def pretrain_base(
         steps: optimizer steps (AdamW, linear warm-up then cosine decay).
         batch_size: scenes per step.
         lr: peak learning rate.
-        seed: seeds the scene generator.
+        seed: `actor.builtin.seed`; the scene generator uses its warm-start seed (`base_seeds`).
         on_step: called as `on_step(step, loss)` after each step (progress display).
 
     Returns:
         The final loss and greedy accuracy on 512 fresh scenes.
     """
-    gen = torch.Generator().manual_seed(10_000 + seed)
+    gen = torch.Generator().manual_seed(base_seeds(seed)[1])
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)

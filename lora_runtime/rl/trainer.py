@@ -32,14 +32,14 @@ from lora_runtime.rl.outputs import (
     peak_memory_mb,
     plot_curves,
 )
-from lora_runtime.rl.run_control import Interrupt, catch_sigint, num_threads
+from lora_runtime.rl.run_control import Interrupt, catch_signals, num_threads
+from lora_runtime.rl.seeding import RunSeeds
 from lora_runtime.rl.step import Reference, lr_at, rl_step
 from lora_runtime.rl.tasks.reach import ReachTask
 from lora_runtime.rl.train_state import (
     TrainState,
     find_train_state,
     load_train_state,
-    save_weights,
     save_weights_and_state,
 )
 
@@ -56,6 +56,9 @@ class RunResult:
     interrupted: bool
     summary: dict[str, Any] = field(default_factory=dict)
     model: nn.Module | None = None  # the trained actor (patched in LoRA modes)
+    stop_signal: str | None = None  # "SIGINT" or "SIGTERM" when a signal stopped the run
+    saved: list[str] = field(default_factory=list)  # what the last save wrote (absolute paths)
+    is_main: bool = True  # rank 0 (or a single process): the one that reports
 
 
 class Display:
@@ -102,15 +105,20 @@ class Session:
     device: torch.device
     out: str
     start_step: int = 0
+    saved: list[str] = field(default_factory=list)
+    saved_step: int = -1
 
     @property
     def mode(self) -> str:
         return self.run_cfg.actor.model.mode
 
     def save(self, step: int) -> None:
-        if self.run_cfg.trainer.distributed != "none":  # no train_state/: not restored there
-            return save_weights(self.out, self.model, self.mode, self.run_cfg)
-        save_weights_and_state(self.out, self.model, self.mode, self.optimizer, TrainState(step, self.generator), self.run_cfg)
+        """Weights, then `train_state/` (a collective under torchrun); once per step."""
+        if self.saved and self.saved_step == step:
+            return
+        self.saved_step = step
+        state = TrainState(step, self.generator)
+        self.saved = save_weights_and_state(self.out, self.model, self.mode, self.optimizer, state, self.run_cfg)
 
     def training_memory_mb(self) -> float:
         """Weights, gradients, optimizer state and the frozen reference copy (if any)."""
@@ -140,7 +148,8 @@ def train(
         display: what shows the progress and the summary (None: nothing).
 
     Returns:
-        The output folder, whether Ctrl-C stopped the run, and the summary.
+        The output folder, whether Ctrl-C or SIGTERM stopped the run (after the step it
+        came in and one save on every rank), what was saved, and the summary.
 
     Raises:
         ConfigError: bad `model_path`, or a task that does not fit the model.
@@ -186,14 +195,12 @@ def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.dev
         model = parallel.wrap_actor(model, cfg.distributed)  # FSDP2 in place, or the DDP wrapper
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        generator = torch.Generator().manual_seed(cfg.seed + parallel.get_rank())
-        torch.manual_seed(cfg.seed)
+        seeds = RunSeeds(cfg.seed, parallel.get_rank())
+        generator = seeds.generator("sampling")  # this rank's scenes and actions
+        seeds.seed_global()  # dropout and anything else on torch's default generator
         session = Session(run_cfg, model, model, make_task(run_cfg, model), optimizer, generator,
                           reference, device, out)
         state_dir = find_train_state(run_cfg) if cfg.resume_train_state else None
-        if state_dir is not None and cfg.distributed != "none":
-            log(f"{state_dir} is not restored in distributed runs; the optimizer starts fresh")
-            state_dir = None
         if state_dir is not None:
             session.start_step = load_train_state(state_dir, model, optimizer, generator, cfg)
             log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
@@ -215,12 +222,12 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
     metrics = MetricsWriter(os.path.join(out, "metrics.jsonl")) if main else None
     display.start(f"{name} ({session.mode})", cfg.steps, session.start_step + 1)
     records: list[dict[str, Any]] = []
-    flag = Interrupt()
+    flag = Interrupt(abort_on_repeat=cfg.distributed == "none")
     step = session.start_step
     try:
-        with catch_sigint(flag):
+        with catch_signals(flag):
             for i in range(cfg.steps):
-                if flag.requested:
+                if flag.agreed():  # every rank stops after the same step
                     break
                 step = session.start_step + i + 1
                 for group in session.optimizer.param_groups:
@@ -239,12 +246,13 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                     on_step(record)
                 if cfg.save_every and step % cfg.save_every == 0 and i + 1 < cfg.steps:
                     session.save(step)
+            flag.agreed()  # a signal during the last step: every rank reports it alike
             session.save(step)
     finally:
         display.stop()
         if metrics is not None:
             metrics.close()
-    return _finish(session, records, flag.requested, log, display)
+    return _finish(session, records, flag, log, display)
 
 
 def _resolved(run_cfg: RunConfig) -> dict[str, Any]:
@@ -255,9 +263,10 @@ def _resolved(run_cfg: RunConfig) -> dict[str, Any]:
     return data
 
 
-def _finish(session: Session, records: list[dict[str, Any]], interrupted: bool, log: Callable[[str], None],
+def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, log: Callable[[str], None],
             display: Display) -> RunResult:
     cfg, out = session.run_cfg.trainer, session.out
+    interrupted = flag.requested
     rewards = [r["reward_mean"] for r in records]
     times = [r["step_time_s"] for r in records[1:]] or [r["step_time_s"] for r in records]
     counts = trainable_summary(session.model)
@@ -285,12 +294,14 @@ def _finish(session: Session, records: list[dict[str, Any]], interrupted: bool, 
         "device": str(session.device),
         "compile": cfg.compile,
     }
-    if not parallel.is_main_process():
-        return RunResult(out, interrupted, summary, session.model)
+    result = RunResult(out, interrupted, summary, session.model, flag.signal, list(session.saved), parallel.is_main_process())
+    if not result.is_main:
+        return result
     note = plot_curves(records, os.path.join(out, "curves.png"), os.path.basename(out)) if cfg.plot else "trainer.plot is false"
     summary["curves"] = None if note else os.path.join(out, "curves.png")
     if note:
         log(f"curves.png not written: {note}")
     write_json_atomic(os.path.join(out, "summary.json"), summary)
+    result.saved += [os.path.join(out, n) for n in ("metrics.jsonl", "summary.json", "curves.png") if n != "curves.png" or not note]
     display.summary(summary)
-    return RunResult(out, interrupted, summary, session.model)
+    return result
