@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp) setup.py pyproject.toml
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test mutate demo bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.deps: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install --quiet setuptools wheel ninja
 	$(PY) -m pip install --quiet safetensors "pydantic>=2" numpy pyyaml pytest pytest-benchmark \
-		hypothesis transformers peft matplotlib rich ruff
+		pytest-randomly hypothesis transformers peft matplotlib rich ruff
 	touch $@
 
 # The extension is rebuilt whenever a C++ source or the build files change.
@@ -32,8 +32,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
+# Random test order (pytest-randomly; `-p randomly` fails when the plugin is missing). The
+# seed is printed first; `make test PYTEST_ARGS=--randomly-seed=N` replays an order. pytest's
+# exit status 5 (no test ran) fails the target like any other non-zero status.
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -p randomly $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/lora-runtime demo

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import torch
-from conftest import snapshot_files
+from conftest import isolated, snapshot_files
 from safetensors.torch import load_file
 from tiny_runs import tiny_raw
 
@@ -34,16 +34,14 @@ def run(raw, **kwargs):
     return train(validate_config(raw), log=quiet, **kwargs)
 
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
-    torch.set_num_threads(1)
-    ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=quiet)
+    with isolated():
+        ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=quiet)
     return d
 
 
@@ -56,8 +54,8 @@ def base_state(base_dir):
 @pytest.fixture(scope="module")
 def new_run(tmp_path_factory, base_dir):
     out = tmp_path_factory.mktemp("runs") / "lora_new"
-    torch.set_num_threads(1)
-    result = run(tiny_raw(out, base_dir, steps=12, plot=True))
+    with isolated():
+        result = run(tiny_raw(out, base_dir, steps=12, plot=True))
     return out, result
 
 
@@ -106,6 +104,8 @@ def test_outputs_of_a_run(new_run, base_dir):
     assert os.path.abspath(cfg.trainer.base_dir) == str(base_dir)
 
 
+@pytest.mark.xfail(strict=True, reason="issue 13: new-mode adapters are drawn from the global generator "
+                   "before the trainer seeds it, so two runs of the same config start from different adapters")
 def test_resume_continues_exactly(tmp_path, base_dir):
     """3 steps, then a resume run of 3 more, equals 6 steps in one go, bit for bit."""
     run(tiny_raw(tmp_path / "straight", base_dir, steps=6))

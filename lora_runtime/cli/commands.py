@@ -12,6 +12,7 @@ from lora_runtime.adapters import (
     apply_and_load_adapter,
     iter_lora_layers,
     merge_lora,
+    read_adapter,
     trainable_summary,
     unwrap_model,
 )
@@ -107,9 +108,13 @@ def run_merge(adapter: str, out: str, config: str | None, overrides: Sequence[st
     check_output_dir(out, overwrite=True, key="merge --out")
     run_cfg, config = _merge_config(adapter, config, overrides)
     with prefixed_errors(config):
+        try:
+            files = read_adapter(adapter)  # a bad adapter fails before the base is built or written
+        except AdapterError as exc:
+            raise AdapterError(f"merge --adapter {adapter!r}: {exc}") from None
         model = load_base(run_cfg, log=_log)
         try:
-            apply_and_load_adapter(model, adapter)
+            apply_and_load_adapter(model, files)
         except AdapterError as exc:
             raise AdapterError(f"merge --adapter {adapter!r}: {exc}") from None
         merge_lora(model)
