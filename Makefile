@@ -38,6 +38,13 @@ install: $(VENV)/.built
 test: install
 	$(PY) -m pytest tests -q -p randomly $(PYTEST_ARGS)
 
+# Mutation testing of the core (see TESTING.md; tens of minutes, not part of `make test`).
+# MUTMUT_ARGS picks mutants, e.g. MUTMUT_ARGS='"lora_runtime.rl.grpo.*"'.
+mutate: install
+	$(PY) -m pip install --quiet mutmut
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 $(MUTMUT_ARGS); $(BIN)/mutmut results
+
 demo: install
 	$(BIN)/lora-runtime demo
 
