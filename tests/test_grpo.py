@@ -93,6 +93,9 @@ def test_group_advantages_mean_and_std_per_group():
     expected = [1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0, -0.5 / s3, 0.5 / s3, -0.5 / s3, 0.5 / s3]
     assert adv.tolist() == pytest.approx(expected, abs=1e-5)
     assert torch.isfinite(adv).all()
+    # float64: exactly (r - mean) / (std + eps), eps = 1e-6 added to the std
+    adv64 = grpo.group_advantages(rewards.double(), group_size=4)
+    assert adv64[:4].tolist() == pytest.approx([0.75 / (0.5 + 1e-6)] + [-0.25 / (0.5 + 1e-6)] * 3, abs=1e-12)
 
 
 def test_action_log_probs_keep_only_action_ids_and_apply_temperature():
@@ -104,6 +107,7 @@ def test_action_log_probs_keep_only_action_ids_and_apply_temperature():
     assert one.dtype == torch.float32 and one.shape == (1, 2)
     assert one.exp()[0].tolist() == pytest.approx([0.2, 0.8], abs=1e-6)
     assert two.exp()[0].tolist() == pytest.approx([1 / 3, 2 / 3], abs=1e-6)  # logits / 2: 0, ln 2
+    assert torch.equal(grpo.action_log_probs(logits, ids), one)  # the default temperature is 1
 
 
 def fixed_logits_fn(row: list[float], vocab: int = 6):
@@ -136,15 +140,30 @@ def test_sample_actions_follows_the_tempered_distribution(temperature, p1):
 
 def test_policy_log_probs_gather_the_taken_actions():
     vocab, ids = 7, torch.tensor([4, 5, 6])
-    logits = torch.randn(3, 4, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    logits = torch.randn(3, 5, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rollout = SimpleNamespace(action_bins=torch.tensor([[0, 2], [1, 1], [2, 0]]), scenes=None,
-                              input_ids=torch.zeros(3, 4, dtype=torch.long), group_size=1)
+                              input_ids=torch.zeros(3, 5, dtype=torch.long), group_size=1)
     logp, dist = grpo.policy_log_probs(None, lambda m, s, i, g: logits, rollout, ids, temperature=1.5)
     ref = torch.log_softmax(logits[:, -2:, 4:] / 1.5, dim=-1)  # [3, 2, 3], last A positions
     assert torch.allclose(dist.double(), ref, atol=1e-6)
     for n in range(3):
         for a in range(2):
             assert logp[n, a].item() == pytest.approx(ref[n, a, rollout.action_bins[n, a]].item(), abs=1e-6)
+
+
+def test_collect_rollout_scores_and_draws_only_from_its_generator():
+    scenes = SimpleNamespace(prompt_ids=torch.tensor([[1, 2, 3]] * 4))
+    task = SimpleNamespace(num_actions=2, reward=lambda s, bins: (bins[:, 0] == 1).float())  # [B*G]
+    fn, ids = fixed_logits_fn([0.0, 0.0]), torch.tensor([4, 5])
+    runs = []
+    for global_seed in (0, 1):  # the global generator must not matter
+        torch.manual_seed(global_seed)
+        runs.append(grpo.collect_rollout(None, fn, task, scenes, ids, 8, 1.0, torch.Generator().manual_seed(3)))
+    a, b = runs
+    assert torch.equal(a.action_bins, b.action_bins) and a.action_bins.shape == (32, 2)
+    assert torch.equal(a.rewards, (a.action_bins[:, 0] == 1).float())
+    assert torch.equal(a.advantages, grpo.group_advantages(a.rewards, 8)) and a.group_size == 8
+    assert torch.allclose(a.old_logp, torch.full((32, 2), math.log(0.5)))
 
 
 def test_update_epochs_above_one_clip(tmp_path):
