@@ -32,9 +32,9 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
-# Random test order (pytest-randomly; `-p randomly` fails when the plugin is missing). The
-# seed is printed first; `make test PYTEST_ARGS=--randomly-seed=N` replays an order. pytest's
-# exit status 5 (no test ran) fails the target like any other non-zero status.
+# Random test order (pytest-randomly; `-p randomly` fails when the plugin is missing).
+# `make test PYTEST_ARGS=--randomly-seed=last` replays the last run's order (`=N`: seed N).
+# pytest's exit status 5 (no test ran) fails the target like any other non-zero status.
 test: install
 	$(PY) -m pytest tests -q -p randomly $(PYTEST_ARGS)
 

@@ -267,3 +267,16 @@ def _metrics(out):
     from lora_runtime.rl.outputs import read_metrics
 
     return read_metrics(os.path.join(out, "metrics.jsonl"))
+
+
+def test_prepare_actor_refuses_a_patched_model_and_leaves_it_alone(tmp_path):
+    from lora_runtime.actor import prepare_actor
+    from lora_runtime.config import ActorModelConfig
+
+    model = actor_from_yaml(tmp_path, lora_rank=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^prepare_actor: the model is already patched; pass the base model$"):
+        prepare_actor(model, ActorModelConfig(is_lora=True, lora_rank=8))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(layer.r == 4 for _, layer in iter_lora_layers(model))
