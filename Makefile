@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp) setup.py pyproject.toml
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test mutate demo bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(VENV)/.deps: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet setuptools wheel ninja
 	$(PY) -m pip install --quiet safetensors "pydantic>=2" numpy pyyaml pytest pytest-benchmark \
-		hypothesis transformers peft matplotlib rich ruff
+		pytest-randomly hypothesis transformers peft matplotlib rich ruff
 	touch $@
 
 # The extension is rebuilt whenever a C++ source or the build files change.
@@ -34,8 +34,18 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
+# Random test order (pytest-randomly; `-p randomly` fails when the plugin is missing).
+# `make test PYTEST_ARGS=--randomly-seed=last` replays the last run's order (`=N`: seed N).
+# pytest's exit status 5 (no test ran) fails the target like any other non-zero status.
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -p randomly $(PYTEST_ARGS)
+
+# Mutation testing of the core (see TESTING.md; tens of minutes, not part of `make test`).
+# MUTMUT_ARGS picks mutants, e.g. MUTMUT_ARGS='"lora_runtime.rl.grpo.*"'.
+mutate: install
+	$(PY) -m pip install --quiet mutmut
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 $(MUTMUT_ARGS); $(BIN)/mutmut results
 
 demo: install
 	$(BIN)/lora-runtime demo

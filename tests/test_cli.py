@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import snapshot_files
+from conftest import isolated, snapshot_files
 from tiny_runs import tiny_raw, write_yaml
 
 from lora_runtime.cli import main
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
-    torch.set_num_threads(1)
-    ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=lambda m: None)
+    with isolated():
+        ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=lambda m: None)
     return d
 
 
@@ -39,7 +39,8 @@ def trained(tmp_path_factory, base_dir):
     """A LoRA run made through the CLI: (config path, output dir)."""
     d = tmp_path_factory.mktemp("trained")
     config = write_yaml(d / "new.yaml", tiny_raw(d / "lora_new", base_dir, steps=4))
-    assert main(["train", config]) == 0
+    with isolated():
+        assert main(["train", config]) == 0
     return config, d / "lora_new"
 
 

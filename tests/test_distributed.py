@@ -19,6 +19,7 @@ import dist_worker as W
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import isolated
 from torch import nn
 
 from lora_runtime import parallel as distributed
@@ -76,9 +77,10 @@ def run_dir(tmp_path_factory) -> Path:
 def reference() -> dict[str, dict]:
     """The worker's steps in one process on the whole global batch, per model kind."""
     out = {}
-    for kind in ("llama", "tiny"):
-        model = W.build(kind)
-        out[kind] = W.train(model, model, slice(None))
+    with isolated(threads=None):  # W.build seeds the global generator
+        for kind in ("llama", "tiny"):
+            model = W.build(kind)
+            out[kind] = W.train(model, model, slice(None))
     return out
 
 

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import torch
-from conftest import snapshot_files
+from conftest import isolated, snapshot_files
 from safetensors.torch import load_file
 from tiny_runs import tiny_raw
 
@@ -34,16 +34,14 @@ def run(raw, **kwargs):
     return train(validate_config(raw), log=quiet, **kwargs)
 
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
-    torch.set_num_threads(1)
-    ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=quiet)
+    with isolated():
+        ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=quiet)
     return d
 
 
@@ -56,8 +54,8 @@ def base_state(base_dir):
 @pytest.fixture(scope="module")
 def new_run(tmp_path_factory, base_dir):
     out = tmp_path_factory.mktemp("runs") / "lora_new"
-    torch.set_num_threads(1)
-    result = run(tiny_raw(out, base_dir, steps=12, plot=True))
+    with isolated():
+        result = run(tiny_raw(out, base_dir, steps=12, plot=True))
     return out, result
 
 
