@@ -56,6 +56,8 @@ class ActorModelConfig(_Strict):
     exclude_modules: list[str] = Field(default_factory=list)
     init_lora_weights: Literal["gaussian", "kaiming"] = "gaussian"
     use_rslora: StrictBool = False
+    # Run LoRA layers that read one input (q/k/v, gate/up) as one grouped op; off for ablation.
+    group_siblings: StrictBool = True
 
     @field_validator("target_modules", "exclude_modules")
     @classmethod
