@@ -24,6 +24,12 @@ from lora_runtime.ops.lora_group import lora_group
 __all__ = ["SiblingGroup"]
 
 
+def _version(t: torch.Tensor) -> int:
+    """`t._version`; inference tensors keep none (they cannot be changed outside
+    inference mode, and inside it a write between two members is not caught)."""
+    return -1 if t.is_inference() else t._version
+
+
 class SiblingGroup:
     """The shared state of sibling `LoRALinear` layers (duck-typed: no import of the layer).
 
@@ -53,7 +59,7 @@ class SiblingGroup:
         y = self._pending[slot]
         if y is None or x is not self._x:
             return None
-        if not torch.compiler.is_compiling() and x._version != self._x_version:
+        if not torch.compiler.is_compiling() and _version(x) != self._x_version:
             return None  # x was changed in place after the leader read it
         self._pending[slot] = None
         if all(p is None for p in self._pending):
@@ -98,5 +104,5 @@ class SiblingGroup:
         self._pending = [None, *ys[1:]]
         self._x = x
         if not torch.compiler.is_compiling():
-            self._x_version = x._version
+            self._x_version = _version(x)
         return ys[0]
