@@ -231,7 +231,7 @@ def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
         path=path,
         layer=layer,
         mask=pack(patch) if n_patched and not use_copy else None,
-        values=w[patch] if not use_copy else w.new_empty(0),  # [n_patched], a copy
+        values=w.masked_select(patch) if not use_copy else w.new_empty(0),  # [n_patched]
         copy=w.clone() if use_copy else None,
         lora_a=a.detach().clone(),
         lora_b=b.detach().clone(),
@@ -260,7 +260,7 @@ def _restore_layer(item: _Restore) -> list[str]:
     if item.copy is None:
         original = _sub_delta(weight.detach(), layer.get_delta_weight())  # [out, in]
         if item.mask is not None:
-            original[unpack(item.mask, original.shape)] = item.values
+            original.masked_scatter_(unpack(item.mask, original.shape), item.values)
     weight.copy_(original if item.copy is None else item.copy)  # a copy is exact as is
     layer.merged = False
     if item.copy is None and checksum(weight.detach()) != item.checksum and not problems:
