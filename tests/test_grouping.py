@@ -322,3 +322,26 @@ def test_grouped_training_matches_ungrouped_on_the_distributed_models():
         for name, v in ref["adapters"].items():
             assert rel_err(got["adapters"][name], v) < 1e-4, name
         assert rel_err(got["logits"], ref["logits"]) < 1e-4
+
+
+def test_builtin_actor_siblings_are_grouped_and_the_switch_defaults_on(tmp_path):
+    from tiny_runs import tiny_raw
+
+    from lora_runtime.actor import prepare_actor
+    from lora_runtime.config import validate_config
+    from lora_runtime.rl.actor_setup import group_actor_siblings
+    from lora_runtime.rl.models.vla import build_tiny_vla
+
+    run_cfg = validate_config(tiny_raw(tmp_path / "out", tmp_path / "base"))
+    assert run_cfg.actor.model.group_siblings is True
+    actor = prepare_actor(build_tiny_vla(run_cfg.actor.builtin), run_cfg.actor.model)
+    plain = copy.deepcopy(actor)
+    groups = group_actor_siblings(run_cfg, actor)
+    assert groups and all(len(g) >= 2 for g in groups) and sibling_groups(actor) == groups
+    gen = torch.Generator().manual_seed(0)
+    pixels, ids = torch.rand(3, 3, 8, 8, generator=gen), torch.randint(0, 24, (3, 4), generator=gen)
+    for m in (actor, plain):
+        for _, layer in m.named_modules():
+            if isinstance(layer, LoRALinear):
+                torch.nn.init.normal_(layer.lora_B.weight, generator=torch.Generator().manual_seed(1))
+    assert rel_err(actor(pixels, ids, 1), plain(pixels, ids, 1)) < 1e-5
