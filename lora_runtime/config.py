@@ -62,6 +62,8 @@ class ActorModelConfig(_Strict):
     use_rslora: StrictBool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Run LoRA layers that read one input (q/k/v, gate/up) as one grouped op; off for ablation.
+    group_siblings: StrictBool = True
 
     @field_validator("target_modules", "exclude_modules")
     @classmethod

@@ -24,6 +24,7 @@ from lora_runtime import parallel as distributed
 from lora_runtime.adapters import (
     adapter_state_dict,
     apply_lora,
+    group_siblings,
     iter_lora_layers,
     iter_merged_weights,
     load_adapter,
@@ -79,8 +80,9 @@ class TinyActor(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 
-def build(kind: str) -> nn.Module:
-    """The same patched model on every rank: seeded base, non-zero adapters, frozen base."""
+def build(kind: str, grouped: bool = True) -> nn.Module:
+    """The same patched model on every rank: seeded base, non-zero adapters, frozen base,
+    siblings grouped (as `prepare_actor` does) unless `grouped` is False."""
     torch.manual_seed(0)
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -105,6 +107,8 @@ def build(kind: str) -> nn.Module:
         for _, layer in iter_lora_layers(model):
             for p in (layer.lora_A.weight, layer.lora_B.weight):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    if grouped:
+        assert group_siblings(model, input_ids=eval_ids()), "no sibling group found"
     return model
 
 

@@ -57,7 +57,13 @@ def test_smoke_end_to_end(tmp_path, capsys):
     assert memory["peak_mb"] >= memory["baseline_mb"] > 0
     assert memory["peak_over_baseline_mb"] == pytest.approx(memory["peak_mb"] - memory["baseline_mb"])
     assert {t["target"] for t in model["targets"]} >= {"train: lora_eager / peft_eager",
-                                                       "memory: lora_eager / full"}
+                                                       "memory: lora_eager / full",
+                                                       "decode b8: lora_unmerged / base",
+                                                       "merged(): enter+leave / one forward"}
+    assert list(model["decode"]) == ["8"]  # --smoke: batch 8 only
+    assert list(model["decode"]["8"]) == ["base", "lora_unmerged", "lora_merged", "peft_unmerged"]
+    assert list(result["layer_calls"]) == ["1", "8", "16"]
+    assert {t["target"] for t in result["global_targets"]} >= {"layer call N=8: lora / nn.Linear"}
 
     profile = model["profile"]
     assert list(profile) == ["base", "lora_eager", "peft_eager", "full"]

@@ -137,12 +137,12 @@ def test_merged_on_float32_adapters_over_bfloat16_base():
     assert_bit_identical(model, before)
 
 
-def test_merged_refuses_to_hold_more_than_the_limit_and_changes_nothing():
+def test_merged_with_a_budget_refuses_to_hold_more_and_changes_nothing():
     model = make_model("llama", torch.bfloat16, std=1.0)  # delta far larger than W
     x = make_input("llama")
     before, out = snapshot(model), run(model, x)
     over = r"max_extra_fraction=0.5 .*Nothing was changed"
-    with pytest.raises(MergeError, match=over), merged(model):
+    with pytest.raises(MergeError, match=over), merged(model, max_extra_fraction=0.5):
         pytest.fail("the body must not run")
     assert_bit_identical(model, before)
     assert_unmerged(model)
@@ -150,6 +150,50 @@ def test_merged_refuses_to_hold_more_than_the_limit_and_changes_nothing():
     with merged(model, max_extra_fraction=2.0) as stats:  # allowed when asked for
         assert stats.extra_fraction > 0.5
     assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_never_refuses_by_default_small_model_large_rank(dtype):
+    """A 128-wide Llama at r=8 after a few steps (large deltas): the default merges, each
+    layer keeping the smaller of its patch and a plain copy, and restores bit for bit."""
+    from conftest import make_tiny_llama
+
+    from lora_runtime.adapters import apply_lora, mark_only_lora_trainable
+
+    torch.manual_seed(0)
+    model = make_tiny_llama(layers=1).to(dtype)
+    apply_lora(model, 8, alpha=16)
+    mark_only_lora_trainable(model)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, layer in iter_lora_layers(model):  # as after training at a high learning rate
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.copy_((torch.randn(p.shape, generator=gen) * 0.5).to(dtype))
+    x = make_input("llama")
+    before, out = snapshot(model), run(model, x)
+    reference = merge_lora(copy.deepcopy(model))
+    with merged(model) as stats:
+        assert torch.equal(run(model, x), run(reference, x))
+    held = [layer.base_layer.weight for _, layer in iter_lora_layers(model)]
+    assert stats.extra_fraction > 0.5  # today's default budget would have refused
+    assert stats.extra_bytes <= stats.merged_bytes + sum(
+        (ly.lora_A.weight.numel() + ly.lora_B.weight.numel()) * ly.lora_A.weight.element_size()
+        for _, ly in iter_lora_layers(model)
+    )  # at most one copy of each weight, plus the adapter snapshots
+    assert len(held) == stats.layers
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
+    assert torch.equal(run(model, x), out)
+
+
+def test_merged_copy_store_undoes_a_base_weight_write_and_reports_it():
+    model = make_model("llama", torch.float32, std=1.0)  # large deltas: plain copies
+    before = snapshot(model)
+    undone = r"base_layer.weight' \(undone: restored from its copy\)"
+    with pytest.raises(MergeError, match=undone), merged(model), torch.no_grad():
+        next(iter_lora_layers(model))[1].base_layer.weight.add_(1.0)
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, "half", True])

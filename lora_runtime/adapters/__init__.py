@@ -9,6 +9,7 @@ Modules, bottom up: `layer` (LoRALinear) <- `targets` (matching, the patched lay
 from lora_runtime.adapters.checkpoint import apply_and_load_adapter, load_adapter, save_adapter
 from lora_runtime.adapters.disable import adapter_disabled
 from lora_runtime.adapters.export import adapter_state_dict, iter_merged_weights
+from lora_runtime.adapters.grouping import group_siblings, sibling_groups, ungroup_siblings
 from lora_runtime.adapters.inject import apply_lora, remove_lora
 from lora_runtime.adapters.layer import LoRALinear
 from lora_runtime.adapters.merge import MergeError, MergeStats, merge_lora, merged, merged_weight
@@ -37,6 +38,7 @@ __all__ = [
     "apply_and_load_adapter",
     "apply_lora",
     "find_targets",
+    "group_siblings",
     "iter_lora_layers",
     "iter_merged_weights",
     "load_adapter",
@@ -48,6 +50,8 @@ __all__ = [
     "read_adapter_config",
     "remove_lora",
     "save_adapter",
+    "sibling_groups",
     "trainable_summary",
+    "ungroup_siblings",
     "unwrap_model",
 ]

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_runtime.adapters.siblings import SiblingGroup
 from lora_runtime.ops import lora_linear
+from lora_runtime.ops.infer import lora_linear_infer
 
 INIT_METHODS = ("gaussian", "kaiming")
 
@@ -83,6 +85,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.disable_adapters = False  # True inside adapter_disabled(): exactly the base layer
         self.merged = False  # True while scaling * B @ A is folded into base_layer.weight
+        self._group: SiblingGroup | None = None  # set by adapters.grouping.group_siblings
+        self._slot = 0  # this layer's index in its group; 0 leads
         self.reset_lora_parameters(init)
 
     @torch.no_grad()
@@ -116,6 +120,26 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disable_adapters or self.merged:
             return self.base_layer(x)
+        if not torch.jit.is_scripting():
+            if self._group is not None:
+                y = self._group.run(self._slot, x)
+                if y is not None:
+                    return y
+            if not torch.is_grad_enabled() and not (self.training and self.lora_dropout > 0.0):
+                return self._infer_forward(x)
+        return self._layer_forward(x)
+
+    def _infer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """No-grad path: one call of the C++ kernel, no autograd formula on the way."""
+        base = self.base_layer
+        weight = base.weight
+        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+        if lora_a.dtype != weight.dtype:  # e.g. float32 adapters on a bfloat16 base
+            lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+        return lora_linear_infer(x, weight, base.bias, lora_a, lora_b, self.scaling)
+
+    def _layer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-layer path: one call of the fused op."""
         weight = self.base_layer.weight
         lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
         if lora_a.dtype != weight.dtype:  # e.g. float32 adapters on a bfloat16 base

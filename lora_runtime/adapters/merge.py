@@ -5,21 +5,15 @@ The merged weight of a layer is `(W + scaling * B @ A)` summed in float32 (float
 float64 weight) and rounded once to W's dtype (PEFT, merging in bf16, rounds twice).
 
 `merged(model)` must give the original W back bit for bit, yet the merged weight M has
-lost W's low bits wherever rounding moved them. The restore computes the candidate
-`round(M - delta)` (the same delta, from the same adapters) and patches the elements where
-that candidate differs from W, bit pattern against bit pattern (so -0.0 and NaN payloads
-come back too). No full copy of any weight is kept. Per merged layer, while open, it holds:
-
-- a bitmask of the patched elements, `numel / 8` bytes (1/16 of a bf16 weight, 1/32 of a
-  float32 one); none when no element needs patching;
-- the original values of the patched elements, in W's dtype;
-- a copy of lora_A and lora_B, `r * (in + out)` elements (0.8 % of a 4096 x 4096 weight
-  at r = 16), so that an adapter written inside the block cannot spoil the restore.
-
-How many elements need patching grows with `|delta| / |W|` (ties, binade crossings, and
-elements much smaller than their delta). The total is checked against `max_extra_fraction`
-(default 0.5) of the merged weights' bytes as layers are merged; past it, `merged` undoes
-what it merged (exactly) and raises, rather than hold more.
+lost W's low bits wherever rounding moved them. Per layer it keeps the smaller exact store:
+a patch (the restore computes `round(M - delta)` from the same adapters and patches the
+elements where it differs from W, bit pattern against bit pattern, so -0.0 and NaN payloads
+come back too: a bitmask, `numel / 8` bytes, plus the patched values in W's dtype), or a
+plain copy of W when the patch would hold more (large deltas on small layers). Either way
+it keeps a copy of lora_A and lora_B, so an adapter written inside cannot spoil the restore.
+By default nothing is refused (at worst about one copy of the merged weights is held);
+`max_extra_fraction` sets a budget, checked as layers are merged: past it, `merged` undoes
+what it merged (exactly) and raises.
 """
 
 from __future__ import annotations
@@ -36,14 +30,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lora_runtime._dist import full_tensor, local_rows
 from lora_runtime.adapters.layer import LoRALinear, accumulation_dtype
+from lora_runtime.adapters.merge_bits import bits, checksum, pack, unpack
 from lora_runtime.adapters.targets import iter_lora_layers, restore_base_layers, unwrap_model
 from lora_runtime.adapters.tied import mark_untied, retie, tied_paths, untie
 
 __all__ = ["MergeError", "MergeStats", "check_mergeable", "merge_lora", "merged", "merged_weight"]
-
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
 
 class MergeError(RuntimeError):
     """The adapters' state forbids the call: already merged, disabled, written inside
@@ -178,15 +169,16 @@ class MergeStats:
 
 @dataclass
 class _Restore:
-    """One merged layer: what the exact restore needs."""
+    """One merged layer: what the exact restore needs (a patch, or a plain copy of W)."""
 
     path: str
     layer: LoRALinear
     mask: torch.Tensor | None  # uint8 [ceil(numel / 8)], packed bits of patched elements
-    values: torch.Tensor  # [n_patched], original values, W's dtype
+    values: torch.Tensor  # [n_patched], original values, W's dtype (empty with `copy`)
+    copy: torch.Tensor | None  # [out, in], W at entry, when smaller than mask + values
     lora_a: torch.Tensor  # [r, in], snapshot at entry
     lora_b: torch.Tensor  # [out, r], snapshot at entry
-    checksum: int  # sum of W's bit patterns, to verify the restore
+    checksum: int  # sum of W's bit patterns, to verify the restore (0 with `copy`)
     weight_version: int | None  # W._version after merging; None for an FSDP2 shard, whose
     # storage FSDP2 rewrites around forwards (the bit-exact checksum still guards it)
     adapter_versions: tuple[int, int]
@@ -194,45 +186,18 @@ class _Restore:
     @property
     def nbytes(self) -> int:
         held = [self.values, self.lora_a, self.lora_b]
-        return sum(_nbytes(t) for t in held) + (_nbytes(self.mask) if self.mask is not None else 0)
+        held += [t for t in (self.mask, self.copy) if t is not None]
+        return sum(_nbytes(t) for t in held)
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of a float tensor as integers of the same width (no copy)."""
-    if t.element_size() not in _INT_VIEW:
-        raise TypeError(f"merged: weight dtype {t.dtype} is not supported (16/32/64-bit floats)")
-    return t.view(_INT_VIEW[t.element_size()])
-
-
 def _sub_delta(merged_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """`round_to_W_dtype(merged_w - delta)`: the restore's first guess of W; a new tensor."""
     acc = merged_w.to(accumulation_dtype(merged_w.dtype), copy=True)  # [out, in]
     return acc.sub_(delta).to(merged_w.dtype)
-
-
-def _checksum(t: torch.Tensor) -> int:
-    return int(_bits(t).sum(dtype=torch.int64))
-
-
-def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """bool [n] -> uint8 [ceil(n / 8)], 8 flags a byte."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
-
-
-def _unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """uint8 [ceil(n / 8)] -> bool `shape`."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.unsqueeze(1) >> shifts) & 1  # [n / 8, 8]
-    return bits.reshape(-1)[: shape.numel()].view(shape).bool()
 
 
 def _local_weight_and_delta(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,24 +210,28 @@ def _local_weight_and_delta(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tens
 
 
 def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
-    """Merges one layer in place and returns what restores it bit-exactly."""
+    """Merges one layer in place and returns what restores it bit-exactly (the smaller store)."""
     a, b = layer.lora_A.weight, layer.lora_B.weight
     versions = (a._version, b._version)
-    weight, delta = _local_weight_and_delta(layer)  # [rows, in] each (all rows unsharded)
-    merged_w = _add_delta(weight.detach(), delta.clone())  # [out, in], W's dtype
+    w, delta = _local_weight_and_delta(layer)  # [rows, in] each (all rows unsharded)
+    weight = w
+    merged_w = _add_delta(w, delta.clone())  # [rows, in], W's dtype
     candidate = _sub_delta(merged_w, delta)  # what the restore will compute
     del delta
-    patch = _bits(candidate) != _bits(weight.detach())  # [out, in] bool, bit patterns
+    patch = bits(candidate) != bits(w)  # [out, in] bool, bit patterns
     del candidate
     n_patched = int(patch.sum())
+    patch_bytes = (n_patched * w.element_size() + (w.numel() + 7) // 8) if n_patched else 0
+    use_copy = patch_bytes >= _nbytes(w)
     restore = _Restore(
         path=path,
         layer=layer,
-        mask=_pack(patch) if n_patched else None,
-        values=weight.detach()[patch],  # [n_patched], a copy
+        mask=pack(patch) if n_patched and not use_copy else None,
+        values=w.masked_select(patch) if not use_copy else w.new_empty(0),  # [n_patched]
+        copy=w.clone() if use_copy else None,
         lora_a=a.detach().clone(),
         lora_b=b.detach().clone(),
-        checksum=_checksum(weight.detach()),
+        checksum=0 if use_copy else checksum(w),
         weight_version=-1,
         adapter_versions=versions,
     )
@@ -281,15 +250,20 @@ def _restore_layer(item: _Restore) -> list[str]:
         a.copy_(item.lora_a)
         b.copy_(item.lora_b)
         problems.append(f"'{item.path}' adapters (restored to their values at entry)")
-    weight, delta = _local_weight_and_delta(layer)  # [rows, in] each
+    if item.copy is None:
+        weight, delta = _local_weight_and_delta(layer)  # [rows, in] each
+    else:
+        weight = local_rows(layer.base_layer.weight.detach())[0]  # [rows, in]
     if item.weight_version is not None and weight._version != item.weight_version:
-        problems.append(f"'{item.path}.base_layer.weight' (it cannot be restored exactly)")
-    original = _sub_delta(weight, delta)  # [rows, in]
-    if item.mask is not None:
-        original[_unpack(item.mask, original.shape)] = item.values
-    weight.copy_(original)
+        how = "undone: restored from its copy" if item.copy is not None else "it cannot be restored exactly"
+        problems.append(f"'{item.path}.base_layer.weight' ({how})")
+    if item.copy is None:
+        original = _sub_delta(weight, delta)  # [rows, in]
+        if item.mask is not None:
+            original.masked_scatter_(unpack(item.mask, original.shape), item.values)
+    weight.copy_(original if item.copy is None else item.copy)  # a copy is exact as is
     layer.merged = False
-    if _checksum(weight.detach()) != item.checksum and not problems:
+    if item.copy is None and checksum(weight.detach()) != item.checksum and not problems:
         problems.append(f"'{item.path}.base_layer.weight' failed the bit-exact check")
     return problems
 
@@ -317,7 +291,7 @@ def _refuse_steps(restores: list[_Restore]) -> Callable[..., None]:
 
 
 @contextmanager
-def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeStats]:
+def merged(model: nn.Module, max_extra_fraction: float | None = None) -> Iterator[MergeStats]:
     """Folds every adapter into its base weight for the duration of the block.
 
     Inside, each LoRA layer computes `base_layer(x)` with the merged weight: base-model
@@ -335,8 +309,9 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
 
     Args:
         model: a patched model (or its `torch.compile` wrapper).
-        max_extra_fraction: the most memory the exact restore may hold, as a fraction of
-            the merged weights' bytes; must be > 0.
+        max_extra_fraction: an optional budget: the most memory the exact restore may
+            hold, as a fraction of the merged weights' bytes (> 0); None (default) never
+            refuses (each layer keeps the smaller of its patch and a plain copy).
 
     Yields:
         `MergeStats` of this merge.
@@ -344,13 +319,16 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
     Raises:
         ValueError: no LoRA layer, non-finite adapters, or a bad `max_extra_fraction`
             (the model is unchanged).
-        MergeError: nested `merged`, inside `adapter_disabled`, or an exact restore needing `max_extra_fraction` or more (the model is unchanged);
+        MergeError: nested `merged`, inside `adapter_disabled`, or an exact restore needing a
+            given `max_extra_fraction` or more (the model is unchanged);
             inside the block, an optimizer step on the adapters; on exit, an in-place
             change made inside the block.
     """
     limit = max_extra_fraction
-    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
-        raise ValueError(f"merged: max_extra_fraction={limit!r}; allowed: a number > 0")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0
+    ):
+        raise ValueError(f"merged: max_extra_fraction={limit!r}; allowed: None or a number > 0")
     layers = check_mergeable(model, "merged")
     stats = MergeStats(
         layers=len(layers),
@@ -369,7 +347,7 @@ def merged(model: nn.Module, max_extra_fraction: float = 0.5) -> Iterator[MergeS
                 done.append(_merge_layer(path, layer))
                 stats.extra_bytes += done[-1].nbytes
                 stats.patched_elements += done[-1].values.numel()
-                if stats.extra_bytes >= max_extra_fraction * stats.merged_bytes:
+                if limit is not None and stats.extra_bytes >= limit * stats.merged_bytes:
                     raise MergeError(
                         f"merged: restoring the base weights exactly would hold more than "
                         f"max_extra_fraction={max_extra_fraction} of the merged weights "

@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-op", action="store_true", help="no op-level benchmark")
     p.add_argument("--skip-model", action="store_true", help="no model-level timing")
     p.add_argument("--skip-memory", action="store_true", help="no peak-memory children")
+    p.add_argument("--skip-decode", action="store_true",
+                   help="no generate-with-KV-cache decode timing and no per-call layer timing")
     p.add_argument("--op-budget", type=float, help="seconds per op group (preset: 0.6)")
     p.add_argument("--model-budget", type=float, help="seconds per model-level group (preset: 8)")
     p.add_argument("--min-repeats", type=int,
@@ -188,6 +190,12 @@ def _model_section(name: str, plan: dict, args, log) -> dict:
         if "lora_merged" in plan["rollout"]:
             result["merge_enter_exit"] = bench.merge_cost(clock=args.clock)
         log(f"  model {name}: rollouts timed ({time.perf_counter() - start:.0f} s)")
+        if not args.skip_decode and hasattr(bench.base, "generate"):
+            from lora_runtime.bench.decode import time_decode  # deferred: start-up time
+
+            batches = (8,) if args.preset == "smoke" else (1, 8, 32)
+            result["decode"] = time_decode(bench, batches, budget_s=args.model_budget / 2, **reps)
+            log(f"  model {name}: decode timed ({time.perf_counter() - start:.0f} s)")
     else:
         result["flop_limit"] = model_flop_limits(bench.lora_model())
     if args.profile:
@@ -227,6 +235,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                 min_repeats=args.op_min_repeats, max_repeats=args.max_repeats,
                                 log=log, clock=args.clock)
         result["op"] = {"rows": rows, "raw": raw, "seconds": time.perf_counter() - start}
+    if not args.skip_decode:
+        from lora_runtime.bench.decode import time_layer_calls  # deferred: start-up time
+
+        result["layer_calls"] = time_layer_calls(budget_s=args.op_budget * 2, clock=args.clock,
+                                                 min_repeats=args.op_min_repeats,
+                                                 max_repeats=args.max_repeats)
     for name in plan["models"]:
         log(f"model level: {name}")
         result["models"][name] = _model_section(name, plan, args, log)
@@ -251,6 +265,7 @@ def report(result: dict) -> str:
     """The printed report: op table, then per model its table and targets."""
     from lora_runtime.bench.report import (  # deferred: start-up time
         check_targets,
+        format_global,
         format_model,
         format_op_table,
         format_targets,
@@ -270,6 +285,8 @@ def report(result: dict) -> str:
                  "'limit' = FLOP limit")
     if result["op"]:
         parts.append(format_op_table(result["op"]["rows"]))
+    if result.get("layer_calls") or result["op"]:
+        parts.append(format_global(result))
     for name, res in result["models"].items():
         parts.append(format_model(res))
         if res.get("profile"):

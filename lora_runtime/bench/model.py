@@ -6,9 +6,11 @@ Train-step variants (forward, backward, AdamW step; `TRAIN_VARIANTS`):
 - `base`: the frozen base model, no adapters, no parameter requires grad; the input
   requires grad, so the backward runs through every layer (forward + input gradients).
   There is nothing for an optimizer to step, so none is called.
+- `base_compiled`: the same, under `torch.compile`.
 - `lora_eager` / `lora_compiled`: this runtime (`apply_lora`, r = alpha = the spec's rank,
-  32 for the benchmark models, on the default targets present in the model); compiled
-  with `lora_runtime.compile.compile_actor`.
+  32 for the benchmark models, on the default targets present in the model, siblings
+  grouped as `prepare_actor` does); compiled with `lora_runtime.compile.compile_actor`.
+- `lora_ungrouped`: `lora_eager` with `group_siblings` off (the ablation).
 - `peft_eager` / `peft_compiled`: HF PEFT (`get_peft_model`, same r, alpha, targets,
   dropout 0); compiled with `torch.compile`.
 - `full`: full fine-tune, every parameter trains.
@@ -31,6 +33,7 @@ from torch import nn
 from lora_runtime.adapters import (
     apply_lora,
     find_targets,
+    group_siblings,
     iter_lora_layers,
     mark_only_lora_trainable,
     merged,
@@ -48,9 +51,10 @@ __all__ = [
 ]
 
 LR = 1e-5  # small: hundreds of steps must not drift the weights into NaN
-TRAIN_VARIANTS = ("base", "lora_eager", "lora_compiled", "peft_eager", "peft_compiled", "full")
+TRAIN_VARIANTS = ("base", "base_compiled", "lora_eager", "lora_ungrouped", "lora_compiled",
+                  "peft_eager", "peft_compiled", "full")
 ROLLOUT_VARIANTS = ("base", "lora_unmerged", "lora_merged", "peft_unmerged")
-COMPILED = ("lora_compiled", "peft_compiled")
+COMPILED = ("base_compiled", "lora_compiled", "peft_compiled")
 
 
 def model_flop_limits(model: nn.Module) -> dict:
@@ -106,8 +110,9 @@ class ModelBench:
         return copy.deepcopy(self.base) if fresh else self.base
 
     @torch.no_grad()
-    def lora_model(self, fresh: bool = True) -> nn.Module:
-        """A copy of the base (or the base itself) patched by this runtime."""
+    def lora_model(self, fresh: bool = True, grouped: bool = True) -> nn.Module:
+        """A copy of the base (or the base itself) patched by this runtime, siblings grouped
+        (from one forward of the batch) unless `grouped` is False."""
         model = apply_lora(self._base_copy(fresh), self.rank, float(self.rank),
                            target_modules=self.targets)
         for path, layer in iter_lora_layers(model):
@@ -115,6 +120,8 @@ class ModelBench:
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)
         mark_only_lora_trainable(model)
+        if grouped:
+            group_siblings(model, run=lambda m: self.spec.rollout(m, self.batch))
         return model
 
     @torch.no_grad()
@@ -140,11 +147,11 @@ class ModelBench:
         """
         spec, batch = self.spec, self.batch
         loss_fn = spec.loss
-        if variant == "base":
+        if variant in ("base", "base_compiled"):
             model = self._base_copy(fresh).requires_grad_(False)
             loss_fn = spec.loss_input_grad
-        elif variant in ("lora_eager", "lora_compiled"):
-            model = self.lora_model(fresh)
+        elif variant in ("lora_eager", "lora_compiled", "lora_ungrouped"):
+            model = self.lora_model(fresh, grouped=variant != "lora_ungrouped")
         elif variant in ("peft_eager", "peft_compiled"):
             model = self.peft_model(fresh)
         elif variant == "full":
@@ -153,8 +160,10 @@ class ModelBench:
             raise ValueError(f"bench: unknown train variant {variant!r}; allowed: {TRAIN_VARIANTS}")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=LR) if params and variant != "base" else None
-        if variant == "lora_compiled":
+        opt = torch.optim.AdamW(params, lr=LR) if params and not variant.startswith("base") else None
+        if variant == "base_compiled":
+            model, self.notes["base_compiled"] = torch.compile(model), "torch.compile"
+        elif variant == "lora_compiled":
             model, self.notes["lora_compiled"] = _compile_lora(model)
         elif variant == "peft_compiled":
             model, self.notes["peft_compiled"] = torch.compile(model), "torch.compile"

@@ -6,7 +6,16 @@ same formula in plain PyTorch. Nothing here imports any other part of the packag
 """
 
 from lora_runtime.ops._extension import extension_error, extension_loaded, library_path
+from lora_runtime.ops.lora_group import lora_group, lora_group_reference
 from lora_runtime.ops.lora_linear import lora_linear
 from lora_runtime.ops.reference import lora_linear_reference
 
-__all__ = ["extension_error", "extension_loaded", "library_path", "lora_linear", "lora_linear_reference"]
+__all__ = [
+    "extension_error",
+    "extension_loaded",
+    "library_path",
+    "lora_group",
+    "lora_group_reference",
+    "lora_linear",
+    "lora_linear_reference",
+]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lora_runtime.actor import prepare_actor
-from lora_runtime.adapters import AdapterError, read_adapter, unwrap_model
+from lora_runtime.adapters import AdapterError, group_siblings, read_adapter, unwrap_model
 from lora_runtime.config import ConfigError, RunConfig
 from lora_runtime.rl.grpo import LogitsFn
 from lora_runtime.rl.hf_loading import (
@@ -148,13 +148,24 @@ def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str
         model = load_base(run_cfg, create=create_base, log=log)
         make_task(run_cfg, model)  # fail early on a task that does not fit the model
         generator = RunSeeds(run_cfg.trainer.seed).generator("adapter_init")
-        return prepare_actor(model, mc, adapter=adapter, generator=generator)
+        model = prepare_actor(model, mc, adapter=adapter, generator=generator)
+        if mc.group_siblings and mc.mode != "full":
+            group_actor_siblings(run_cfg, model)
+        return model
     except AdapterError as exc:  # the adapter does not fit this model (rank, targets, shapes)
         raise AdapterError(f"actor.model.lora_path={mc.lora_path!r}: {exc}") from None
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"actor.model: {exc}") from None
+
+
+def group_actor_siblings(run_cfg: RunConfig, model: nn.Module) -> list[list[str]]:
+    """Groups the actor's LoRA layers that share an input, from one forward on one sample."""
+    device = next(unwrap_model(model).parameters()).device
+    scenes = make_task(run_cfg, model).sample(1, torch.Generator().manual_seed(0)).to(device)
+    logits_fn = logits_fn_for(model)
+    return group_siblings(model, run=lambda m: logits_fn(m, scenes, scenes.prompt_ids, 1))
 
 
 def vocab_size_of(model: nn.Module) -> int:
