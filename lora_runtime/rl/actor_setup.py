@@ -216,10 +216,19 @@ def make_task(run_cfg: RunConfig, model: nn.Module) -> ReachTask | EpisodicTask:
         return EpisodicTask(name, make_env, adapter, t.num_envs, vocab_size_of(inner), image_size, t.max_episode_steps)
 
 
-def measure_chance(task: ReachTask | EpisodicTask) -> None:
-    """Fills an episodic task's `chance_reward` with the random policy's mean return."""
-    if isinstance(task, EpisodicTask):
-        task.chance_reward = random_baseline(task)["reward_mean"]
+def measure_chance(task: ReachTask | EpisodicTask, run_cfg: RunConfig) -> None:
+    """Fills an episodic task's `chance_reward` (the random policy's mean return) and `levels`
+    (random success; the warm start's greedy held-out success, from the built-in base's record)."""
+    if not isinstance(task, EpisodicTask):
+        return
+    rand = random_baseline(task)
+    task.chance_reward = rand["reward_mean"]
+    task.levels = {"random_success": rand["success_rate"]}
+    if run_cfg.actor.model.model_path is None:
+        with open(os.path.join(builtin_base_dir(run_cfg), CONFIG_NAME), encoding="utf-8") as f:
+            report = json.load(f).get("pretrain", {})
+        if "warm_start_success" in report:
+            task.levels["warm_start_success"] = report["warm_start_success"]
 
 
 def vla_logits(model: nn.Module, scenes: Scenes, input_ids: torch.Tensor, image_repeats: int) -> torch.Tensor:

@@ -204,7 +204,7 @@ def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.dev
         if state_dir is not None:
             session.start_step = load_train_state(state_dir, model, optimizer, generator, cfg)
             log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
-        measure_chance(session.task)  # multi-step tasks: the random policy's mean return
+        measure_chance(session.task, run_cfg)  # multi-step tasks: the random policy's and warm start's levels
         if cfg.compile:
             session.forward_model = compile_actor(model)
         return _run(session, on_step, log, display)
@@ -238,6 +238,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                 stats = parallel.reduce_metrics(stats)  # means over ranks
                 stats["samples_per_s"] *= parallel.get_world_size()  # all ranks' samples
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
+                          **getattr(session.task, "levels", {}),
                           "lr": session.optimizer.param_groups[0]["lr"]}
                 records.append(record)
                 if metrics is not None:

@@ -124,6 +124,7 @@ class EpisodicTask:
         self.word_ids = {w: 2 + i for i, w in enumerate(words)}
         self.action_ids = torch.arange(vocab_size - self.num_actions_per_step, vocab_size)  # [K]
         self.chance_reward = float("nan")  # the random policy's mean return, set by whoever measures it
+        self.levels: dict[str, float] = {}  # reference success rates written into every metrics line
 
     @property
     def num_actions(self) -> int:
