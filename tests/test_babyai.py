@@ -176,3 +176,30 @@ def test_bad_task_values_refused_before_any_work(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):
         train(validate_config(raw), log=lambda m: None)
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "base")
+
+
+def test_text_only_language_model_reads_the_view_as_words(tiny):
+    """A transformers causal LM plays BabyAI from the 49 cell words + the mission."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg, _, _ = tiny
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)).eval()
+    task = make_task(cfg, lm)
+    assert task.image_size is None and len(task.action_ids) == 7 and task.action_ids[-1] == 299
+    env = make_babyai_env(cfg.task.env_id)
+    with quiet():
+        obs, _ = env.reset(seed=2)
+    batch = task.encode([obs])
+    assert batch.pixels is None and batch.symbol_ids.shape == (1, 49)
+    assert batch.symbol_ids[0].tolist() == [task.word_ids[w] for w in symbol_words(obs["image"])]
+    logits = episode_logits(lm, batch)  # [1, 300] at the mission's last word
+    full = lm(input_ids=torch.cat([batch.symbol_ids, batch.prompt_ids], dim=1)).logits[0, 49 + batch.lengths[0] - 1]
+    torch.testing.assert_close(logits[0], full)
+    a = collect_groups(lm, episode_logits, task, 2, 2, 1.0, torch.Generator().manual_seed(1))
+    b = collect_groups(lm, episode_logits, task, 2, 2, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a.actions, b.actions) and torch.equal(a.returns, b.returns)
+    with pytest.raises(ConfigError, match=r"needs a vocabulary of at least 255 token ids .* vocab_size=128"):
+        make_task(cfg, LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, num_key_value_heads=2, vocab_size=128)))

@@ -119,7 +119,7 @@ class EpisodicTask:
             raise ConfigError(
                 f"task {name!r} needs a vocabulary of at least {need} token ids (pad, BOS, {len(words)} words, "
                 f"{self.num_actions_per_step} actions), but the actor has vocab_size={vocab_size}; raise "
-                "actor.builtin.vocab_size"
+                "actor.builtin.vocab_size (built-in actor) or use a model_path with a larger vocabulary"
             )
         self.word_ids = {w: 2 + i for i, w in enumerate(words)}
         self.action_ids = torch.arange(vocab_size - self.num_actions_per_step, vocab_size)  # [K]
