@@ -61,3 +61,11 @@ def test_entry_form_and_cli_exit_status(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot import module 'no_such_module_xyz'" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_distributed_multi_step_runs_are_refused(tmp_path):
+    raw = tiny_episodic_raw(tmp_path / "run", tmp_path / "base", distributed="ddp")
+    from lora_runtime.rl.actor_setup import check_task
+
+    with pytest.raises(ConfigError, match=r"trainer.distributed='ddp' is not supported with task.kind: babyai"):
+        check_task(validate_config(raw))

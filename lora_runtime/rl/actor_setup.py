@@ -115,6 +115,11 @@ def check_task(run_cfg: RunConfig) -> None:
         ConfigError: an unknown level, or an entry point that cannot be imported.
     """
     t = run_cfg.task
+    if t.kind != "reach" and run_cfg.trainer.distributed != "none":
+        raise ConfigError(
+            f"trainer.distributed={run_cfg.trainer.distributed!r} is not supported with task.kind: {t.kind}: ranks play "
+            "episodes of different lengths, so their collectives would not line up; use trainer.distributed: none"
+        )
     if t.kind == "babyai":
         check_env_id(t.env_id)
     elif t.kind == "gym":
