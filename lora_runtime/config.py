@@ -164,7 +164,7 @@ class TaskConfig(_Strict):
     num_objects: StrictInt = Field(3, ge=1)
     num_colors: StrictInt = Field(4, ge=1, le=8)
     noise: float = Field(0.05, ge=0.0, le=1.0)
-    env_id: str = "BabyAI-GoToRedBall-v0"
+    env_id: str = "BabyAI-GoToObj-v0"
     entry: str | None = None
     num_envs: StrictInt = Field(16, ge=1, le=1024)
     max_episode_steps: StrictInt | None = Field(None, ge=1)
