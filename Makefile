@@ -22,7 +22,8 @@ $(VENV)/.deps: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet setuptools wheel ninja
 	$(PY) -m pip install --quiet safetensors "pydantic>=2" numpy pyyaml pytest pytest-benchmark \
-		pytest-randomly hypothesis transformers peft matplotlib rich ruff
+		pytest-randomly hypothesis transformers peft matplotlib rich ruff \
+		gymnasium minigrid
 	touch $@
 
 # The extension is rebuilt whenever a C++ source or the build files change.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any, Literal
 
 import yaml
@@ -148,18 +149,42 @@ class ActorConfig(_Strict):
     builtin: BuiltinActorConfig = Field(default_factory=BuiltinActorConfig)
 
 
-class TaskConfig(_Strict):
-    """The `task` section: the synthetic reach task (see `lora_runtime.rl.tasks.reach`).
+TaskKind = Literal["reach", "babyai", "gym"]
 
-    A `grid x grid` scene holds `num_objects` objects of different colours (out of
-    `num_colors`); the instruction names one colour; the action tokens (row, column) must
-    point at its cell. Reward 1 on the cell, else 0; chance is `1 / grid**2`.
+
+class TaskConfig(_Strict):
+    """The `task` section: what the actor is trained on.
+
+    `kind: reach` (default): the synthetic one-step reach task (see
+    `lora_runtime.rl.tasks.reach`). A `grid x grid` scene holds `num_objects` objects of
+    different colours (out of `num_colors`); the instruction names one colour; the action
+    tokens (row, column) must point at its cell. Reward 1 on the cell, else 0; chance is
+    `1 / grid**2`.
+
+    `kind: babyai`: multi-step episodes of the BabyAI / MiniGrid level `env_id` (Farama's
+    `minigrid`), `num_envs` environments stepped together (see `lora_runtime.rl.tasks.babyai`).
+    `kind: gym`: your own gymnasium environment from `entry` ("package.module:function", see
+    `lora_runtime.rl.tasks.gym_entry`).
     """
 
+    kind: TaskKind = "reach"
     grid: StrictInt = Field(4, ge=2, le=16)
     num_objects: StrictInt = Field(3, ge=1)
     num_colors: StrictInt = Field(4, ge=1, le=8)
     noise: float = Field(0.05, ge=0.0, le=1.0)
+    env_id: str = "BabyAI-GoToObj-v0"
+    entry: str | None = None
+    num_envs: StrictInt = Field(16, ge=1, le=1024)
+    max_episode_steps: StrictInt | None = Field(None, ge=1)
+    bc_episodes: StrictInt = Field(400, ge=1)
+    eval_episodes: StrictInt = Field(200, ge=1)
+
+    @field_validator("entry")
+    @classmethod
+    def _entry_form(cls, entry: str | None) -> str | None:
+        if entry is not None and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", entry) is None:
+            raise ValueError("expected 'package.module:function', e.g. 'my_envs.cartpole:make_env'")
+        return entry
 
     @model_validator(mode="after")
     def _objects_fit(self) -> TaskConfig:
@@ -170,7 +195,18 @@ class TaskConfig(_Strict):
             )
         if self.num_objects > self.grid * self.grid:
             raise ValueError(f"num_objects={self.num_objects} does not fit a {self.grid}x{self.grid} grid")
+        if self.kind == "gym" and self.entry is None:
+            raise ValueError("kind 'gym' needs task.entry: 'package.module:function' returning (env, adapter)")
+        if self.kind != "gym" and self.entry is not None:
+            raise ValueError(f"task.entry={self.entry!r} is only read with kind: gym (kind is {self.kind!r})")
         return self
+
+    def base_recipe(self) -> dict[str, Any]:
+        """The keys the built-in base (warm start) depends on; RL-only keys are left out."""
+        if self.kind == "reach":
+            return {"grid": self.grid, "num_objects": self.num_objects, "num_colors": self.num_colors, "noise": self.noise}
+        return {"kind": self.kind, "env_id": self.env_id, "entry": self.entry, "bc_episodes": self.bc_episodes,
+                "max_episode_steps": self.max_episode_steps}
 
 
 class TrainerConfig(_Strict):

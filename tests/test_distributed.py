@@ -223,7 +223,7 @@ def test_failing_rank_ends_the_run_without_partial_adapter(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI trainer
 
-CONFIG = Path(__file__).parents[1] / "configs" / "lora_new.yaml"
+CONFIG = Path(__file__).parents[1] / "configs" / "reach" / "lora_new.yaml"  # the one-step task: fast
 TRAIN_SETTINGS = (
     "trainer.steps=2",
     "trainer.batch_size=4",

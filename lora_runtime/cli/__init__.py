@@ -4,6 +4,7 @@
     lora-runtime inspect CONFIG [--set ...]
     lora-runtime merge --adapter DIR --out DIR (--base DIR | [CONFIG] [--set ...])
     lora-runtime export CONFIG --format torchscript|aoti [--merged] --out FILE [--set ...]
+    lora-runtime eval CONFIG [--episodes N] [--adapter DIR | --merged] [--set ...]
     lora-runtime demo [--configs DIR] [--output-root DIR] [--set ...]
     lora-runtime bench [bench options ...]
 
@@ -73,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["torchscript", "aoti"], help="torchscript (.pt) or aoti (.pt2)")
     p.add_argument("--merged", action="store_true", help="fold the adapter into the weights first (the file needs only torch)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to create (.pt or .pt2; must not exist)")
+    p = sub.add_parser("eval", help="greedy success rate and return on held-out seeds (multi-step tasks)",
+                       description="Evaluate greedily on held-out seeds (never a training seed): the config's base "
+                       "(with its lora_path adapter, if any), --adapter DIR on the base, or with --merged the adapter "
+                       "folded into the base weights. A full run's model/: --set actor.model.model_path=RUN/model.")
+    p.add_argument("config", metavar="CONFIG", help="the run's YAML file (task.kind babyai or gym)")
+    p.add_argument("--episodes", type=int, metavar="N", help="held-out episodes (default: task.eval_episodes)")
+    p.add_argument("--adapter", metavar="DIR", help="adapter folder to evaluate on the config's base")
+    p.add_argument("--merged", action="store_true", help="fold the adapter into the base weights before evaluating")
     _add_set(p)
 
     p = sub.add_parser("demo", help="run new -> resume -> full from configs/ and compare them",
@@ -128,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lora_runtime.cli.export import run_export  # deferred: start-up time
 
             return run_export(args.config, args.format, args.merged, args.out, args.overrides)
+        if args.command == "eval":
+            from lora_runtime.cli.evaluate import run_eval  # deferred: start-up time
+
+            return run_eval(args.config, args.episodes, args.adapter, args.merged, args.overrides)
         from lora_runtime.cli.demo import run_demo  # deferred: start-up time
 
         return run_demo(args.configs, args.output_root, args.overrides)

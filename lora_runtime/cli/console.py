@@ -55,6 +55,9 @@ class ProgressBar:
             "step": record["step"], "reward": f"{record['reward_mean']:.3f}",
             "kl": f"{record['kl']:.4f}", "rate": f"{record['samples_per_s']:.0f}",
         }
+        if "success_rate" in record:  # multi-step tasks: success and environment steps per second
+            fields["reward"] += f"  success {record['success_rate']:.2f}"
+            fields["rate"] = f"{record['env_steps_per_s']:.0f} env steps/s, {record['samples_per_s']:.0f}"
         if self._progress is not None:
             self._progress.update(self._task, completed=done, **fields)
         elif done % self.every == 0 or done == self.total or done == 1:
@@ -101,6 +104,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("steps", f"{summary['steps_run']} (steps {summary['first_step']}-{summary['last_step']})"
          + ("  [interrupted]" if summary["interrupted"] else "")),
         ("reward: chance", f"{summary['chance_reward']:.4f}"),
+        *([(f"success: first / last {SUMMARY_WINDOW} steps", (f"{summary['first_success']:.3f} / {summary['final_success']:.3f}"
+            f"  ({summary['env_steps_per_s']:.0f} env steps/s in rollouts)"))] if "first_success" in summary else []),
         (f"reward: first {SUMMARY_WINDOW} steps", f"{summary['first_reward']:.3f}"),
         (f"reward: last {SUMMARY_WINDOW} steps", f"{summary['final_reward']:.3f}"),
         ("trainable / total params", f"{summary['trainable_params']:,} / {summary['total_params']:,}"),

@@ -80,6 +80,11 @@ def run_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str]
             print(f"demo: {run.name} stopped with exit status {code}; later runs skipped", file=sys.stderr)
             return code
     print_comparison(runs, time.perf_counter() - start)
+    if load_config(runs[0].config, runs[0].overrides).task.kind != "reach":
+        from lora_runtime.cli.evaluate import evaluate_demo  # deferred: loads torch
+
+        evaluate_demo(runs)
+    print(f"total demo time {time.perf_counter() - start:.0f} s")
     return 0
 
 

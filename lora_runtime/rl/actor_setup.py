@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from torch import nn
 from lora_runtime.actor import prepare_actor
 from lora_runtime.adapters import AdapterError, group_siblings, read_adapter, unwrap_model
 from lora_runtime.config import ConfigError, RunConfig
-from lora_runtime.rl.grpo import LogitsFn
+from lora_runtime.rl.bc import behaviour_clone
+from lora_runtime.rl.episodes import random_baseline
 from lora_runtime.rl.hf_loading import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -39,6 +41,9 @@ from lora_runtime.rl.models.vla import TinyVLA, build_tiny_vla
 from lora_runtime.rl.outputs import check_output_dir
 from lora_runtime.rl.pretrain import clear_action_rows, pretrain_base
 from lora_runtime.rl.seeding import RunSeeds, base_seeds
+from lora_runtime.rl.tasks.babyai import VIEW, BabyAIAdapter, check_env_id, make_babyai_env
+from lora_runtime.rl.tasks.episodic import EpisodicTask, ObsBatch, quiet
+from lora_runtime.rl.tasks.gym_entry import load_entry, make_gym_env
 from lora_runtime.rl.tasks.reach import ReachTask, Scenes
 
 BASE_FORMAT = 2  # bump when the base recipe changes, so old cached bases are not reused
@@ -50,7 +55,7 @@ def builtin_base_dir(run_cfg: RunConfig) -> str:
     parent = os.path.dirname(out)
     default = os.path.join(parent if parent not in ("", os.curdir) else out, "base")
     root = run_cfg.trainer.base_dir or default
-    recipe = {"format": BASE_FORMAT, "builtin": run_cfg.actor.builtin.model_dump(), "task": run_cfg.task.model_dump()}
+    recipe = {"format": BASE_FORMAT, "builtin": run_cfg.actor.builtin.model_dump(), "task": run_cfg.task.base_recipe()}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join(os.path.abspath(root), f"tiny-vla-{digest}")
 
@@ -78,15 +83,18 @@ def ensure_builtin_base(run_cfg: RunConfig, log: Callable[[str], None] = print) 
     check_output_dir(folder, overwrite=True, key=key)  # before the warm start, not after
     b = run_cfg.actor.builtin
     model = build_tiny_vla(b)
-    task = ReachTask(run_cfg.task, b.image_size, b.vocab_size)
     log(f"building the built-in base actor (seed {b.seed}, {b.pretrain_steps} warm-start steps) -> {folder}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(base_seeds(b.seed)[1])  # nothing in the warm start draws unseeded
-        report = pretrain_base(model, task, b.pretrain_steps, b.pretrain_batch_size, b.pretrain_lr, b.seed)
-    clear_action_rows(model, task)
-    log(f"base warm start: loss {report.final_loss:.4f}, 'where is' accuracy {report.accuracy:.3f}")
+    if run_cfg.task.kind == "reach":
+        task = ReachTask(run_cfg.task, b.image_size, b.vocab_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base_seeds(b.seed)[1])  # nothing in the warm start draws unseeded
+            report = pretrain_base(model, task, b.pretrain_steps, b.pretrain_batch_size, b.pretrain_lr, b.seed).as_dict()
+        clear_action_rows(model, task)
+        log(f"base warm start: loss {report['final_loss']:.4f}, 'where is' accuracy {report['accuracy']:.3f}")
+    else:
+        report = warm_start_episodic(run_cfg, model, log)
     try:
-        save_model_folder(model, folder, task=run_cfg.task.model_dump(), pretrain=report.as_dict())
+        save_model_folder(model, folder, task=run_cfg.task.model_dump(), pretrain=report)
     except OSError as exc:
         if _base_complete(folder):  # another process wrote it meanwhile
             return folder
@@ -95,6 +103,36 @@ def ensure_builtin_base(run_cfg: RunConfig, log: Callable[[str], None] = print) 
             f"cannot write the built-in base to {folder} ({exc.strerror}); set {key} to a writable folder"
         ) from None
     return folder
+
+
+def warm_start_episodic(run_cfg: RunConfig, model: TinyVLA, log: Callable[[str], None]) -> dict[str, Any]:
+    """Behaviour cloning of the built-in actor from the adapter's expert (if it has one)."""
+    b, t = run_cfg.actor.builtin, run_cfg.task
+    task = make_task(run_cfg, model)
+    if not hasattr(task.adapter, "expert"):
+        log("the task's adapter has no expert(env): the base is the seeded init, without a warm start")
+        return {"steps": 0, "note": "no expert: no warm start"}
+    with torch.random.fork_rng(devices=[]):
+        return behaviour_clone(model, episode_logits, task, t.bc_episodes, b.pretrain_steps, b.pretrain_batch_size,
+                               b.pretrain_lr, b.seed, t.eval_episodes, log=log)
+
+
+def check_task(run_cfg: RunConfig) -> None:
+    """Checks `task.env_id` / `task.entry` before any work (nothing is built or written).
+
+    Raises:
+        ConfigError: an unknown level, or an entry point that cannot be imported.
+    """
+    t = run_cfg.task
+    if t.kind != "reach" and run_cfg.trainer.distributed != "none":
+        raise ConfigError(
+            f"trainer.distributed={run_cfg.trainer.distributed!r} is not supported with task.kind: {t.kind}: ranks play "
+            "episodes of different lengths, so their collectives would not line up; use trainer.distributed: none"
+        )
+    if t.kind == "babyai":
+        check_env_id(t.env_id)
+    elif t.kind == "gym":
+        load_entry(t.entry)
 
 
 def load_base(run_cfg: RunConfig, create: bool = True, log: Callable[[str], None] = print) -> nn.Module:
@@ -134,6 +172,7 @@ def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str
             names `actor.model.lora_path`).
     """
     mc = run_cfg.actor.model
+    check_task(run_cfg)
     adapter = None
     if mc.mode == "resume":  # a bad adapter fails before the base is loaded or built
         try:
@@ -163,7 +202,13 @@ def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str
 def group_actor_siblings(run_cfg: RunConfig, model: nn.Module) -> list[list[str]]:
     """Groups the actor's LoRA layers that share an input, from one forward on one sample."""
     device = next(unwrap_model(model).parameters()).device
-    scenes = make_task(run_cfg, model).sample(1, torch.Generator().manual_seed(0)).to(device)
+    task = make_task(run_cfg, model)
+    if isinstance(task, EpisodicTask):  # one observation batch of a reset environment
+        with quiet():
+            observations, _ = task.env.reset(seed=0)
+        obs = task.encode(task.split(observations)).to(device)
+        return group_siblings(model, run=lambda m: episode_logits(m, obs))
+    scenes = task.sample(1, torch.Generator().manual_seed(0)).to(device)
     logits_fn = logits_fn_for(model)
     return group_siblings(model, run=lambda m: logits_fn(m, scenes, scenes.prompt_ids, 1))
 
@@ -175,11 +220,52 @@ def vocab_size_of(model: nn.Module) -> int:
     return model.get_output_embeddings().out_features
 
 
-def make_task(run_cfg: RunConfig, model: nn.Module) -> ReachTask:
-    """The reach task sized for `model` (images for the built-in actor, scene tokens otherwise)."""
+def make_task(run_cfg: RunConfig, model: nn.Module) -> ReachTask | EpisodicTask:
+    """The task sized for `model` (images for the built-in actor, tokens for a language model).
+
+    Raises:
+        ConfigError: a task that does not fit the model, an unknown level or entry point.
+    """
     inner = unwrap_model(model)
-    image_size = inner.config.image_size if isinstance(inner, TinyVLA) else run_cfg.task.grid
-    return ReachTask(run_cfg.task, image_size, vocab_size_of(inner))
+    t = run_cfg.task
+    if t.kind == "reach":
+        image_size = inner.config.image_size if isinstance(inner, TinyVLA) else t.grid
+        return ReachTask(t, image_size, vocab_size_of(inner))
+    image_size = inner.config.image_size if isinstance(inner, TinyVLA) else None
+    check_task(run_cfg)
+    if t.kind == "babyai":
+        if image_size is not None and image_size % VIEW:
+            raise ConfigError(
+                f"task.kind: babyai renders the {VIEW}x{VIEW} partial view, so actor.builtin.image_size must be a "
+                f"multiple of {VIEW} (got {image_size}; e.g. 28 with patch_size 4: one patch per cell)"
+            )
+        adapter = BabyAIAdapter(t.env_id, (image_size or VIEW) // VIEW)
+
+        def make_env() -> Any:
+            return make_babyai_env(t.env_id, t.max_episode_steps)
+    else:
+        _, adapter = make_gym_env(t.entry)
+
+        def make_env() -> Any:
+            return make_gym_env(t.entry)[0]
+    name = t.env_id if t.kind == "babyai" else t.entry
+    with quiet():
+        return EpisodicTask(name, make_env, adapter, t.num_envs, vocab_size_of(inner), image_size, t.max_episode_steps)
+
+
+def measure_chance(task: ReachTask | EpisodicTask, run_cfg: RunConfig) -> None:
+    """Fills an episodic task's `chance_reward` (the random policy's mean return) and `levels`
+    (random success; the warm start's greedy held-out success, from the built-in base's record)."""
+    if not isinstance(task, EpisodicTask):
+        return
+    rand = random_baseline(task)
+    task.chance_reward = rand["reward_mean"]
+    task.levels = {"random_success": rand["success_rate"]}
+    if run_cfg.actor.model.model_path is None:
+        with open(os.path.join(builtin_base_dir(run_cfg), CONFIG_NAME), encoding="utf-8") as f:
+            report = json.load(f).get("pretrain", {})
+        if "warm_start_success" in report:
+            task.levels["warm_start_success"] = report["warm_start_success"]
 
 
 def vla_logits(model: nn.Module, scenes: Scenes, input_ids: torch.Tensor, image_repeats: int) -> torch.Tensor:
@@ -194,6 +280,29 @@ def causal_lm_logits(model: nn.Module, scenes: Scenes, input_ids: torch.Tensor, 
     return model(input_ids=ids, use_cache=False).logits[:, board.shape[1]:]  # [B*G, T, V]
 
 
-def logits_fn_for(model: nn.Module) -> LogitsFn:
-    """`vla_logits` for the built-in actor, `causal_lm_logits` for a transformers model."""
+def vla_episode_logits(model: nn.Module, obs: ObsBatch) -> torch.Tensor:
+    """The built-in actor on encoded observations: `[N, V]` logits at each prompt's last word."""
+    logits = model(obs.pixels.float() / 255.0, obs.prompt_ids)  # [N, T, V]
+    return logits[torch.arange(len(obs), device=logits.device), obs.lengths - 1]
+
+
+def causal_lm_episode_logits(model: nn.Module, obs: ObsBatch) -> torch.Tensor:
+    """A text-only causal LM reads the view as words, then the prompt: `[N, V]` at the last word."""
+    ids = torch.cat([obs.symbol_ids, obs.prompt_ids], dim=1)  # [N, S + T]
+    logits = model(input_ids=ids, use_cache=False).logits  # [N, S + T, V]
+    return logits[torch.arange(len(obs), device=logits.device), obs.symbol_ids.shape[1] + obs.lengths - 1]
+
+
+def episode_logits(model: nn.Module, obs: ObsBatch) -> torch.Tensor:
+    """`vla_episode_logits` or `causal_lm_episode_logits`, by the model's type."""
+    if isinstance(unwrap_model(model), TinyVLA):
+        return vla_episode_logits(model, obs)
+    return causal_lm_episode_logits(model, obs)
+
+
+def logits_fn_for(model: nn.Module, task: ReachTask | EpisodicTask | None = None) -> Any:
+    """The logits function for `model` on `task`: `vla_logits` / `causal_lm_logits` on the reach
+    task, `episode_logits` on a multi-step task."""
+    if isinstance(task, EpisodicTask):
+        return episode_logits
     return vla_logits if isinstance(unwrap_model(model), TinyVLA) else causal_lm_logits

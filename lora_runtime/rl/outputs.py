@@ -112,6 +112,12 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str, title: str) -> str
     fig, (ax_r, ax_l, ax_k) = plt.subplots(1, 3, figsize=(13, 3.6))
     ax_r.plot(steps, [r["reward_mean"] for r in records], label="reward (mean of batch)")
     ax_r.axhline(records[0]["chance_reward"], color="grey", linestyle="--", label="chance")
+    if "success_rate" in records[0]:  # multi-step tasks: success, with the warm start's and random's levels
+        ax_r.plot(steps, [r["success_rate"] for r in records], label="success rate")
+        for key, style, label in (("warm_start_success", ":", "warm start success (greedy, held-out)"),
+                                  ("random_success", "-.", "random policy success")):
+            if key in records[0]:
+                ax_r.axhline(records[0][key], color="black", linestyle=style, label=label)
     ax_r.set(xlabel="step", ylabel="reward", ylim=(-0.02, 1.02), title=f"{title}: reward")
     ax_r.legend(loc="lower right")
     ax_l.plot(steps, [r["loss"] for r in records], label="loss")

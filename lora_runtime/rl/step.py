@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ from lora_runtime.adapters import adapter_disabled, unwrap_model
 from lora_runtime.config import TrainerConfig
 from lora_runtime.parallel import share_size
 from lora_runtime.rl import grpo
+from lora_runtime.rl.episode_step import episode_step
+from lora_runtime.rl.tasks.episodic import EpisodicTask
 from lora_runtime.rl.tasks.reach import ReachTask
 
 __all__ = ["Reference", "lr_at", "rl_step"]
@@ -46,6 +49,14 @@ class Reference:
         with adapter_disabled(self.model):
             return grpo.policy_log_probs(self.model, logits_fn, rollout, action_ids, temp)[1]
 
+    @torch.no_grad()
+    def apply(self, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        """`fn(model)` with the reference weights (adapters disabled, or the frozen copy)."""
+        if self.frozen is not None:
+            return fn(self.frozen)
+        with adapter_disabled(self.model):
+            return fn(self.model)
+
 
 def rl_step(
     model: nn.Module,
@@ -53,12 +64,18 @@ def rl_step(
     logits_fn: grpo.LogitsFn,
     reference: Reference,
     optimizer: torch.optim.Optimizer,
-    task: ReachTask,
+    task: ReachTask | EpisodicTask,
     cfg: TrainerConfig,
     generator: torch.Generator,
     device: torch.device,
 ) -> dict[str, float]:
-    """One GRPO step (rollout, reference, `update_epochs` updates); returns its metrics."""
+    """One GRPO step (rollout, reference, `update_epochs` updates); returns its metrics.
+
+    A multi-step task (`EpisodicTask`) runs `episode_step.episode_step` instead (whole
+    episodes, seed-grouped), with `logits_fn` an `(model, ObsBatch) -> [N, vocab]`.
+    """
+    if isinstance(task, EpisodicTask):
+        return episode_step(model, forward_model, logits_fn, reference, optimizer, task, cfg, generator, device)
     start = time.perf_counter()
     action_ids = torch.tensor(task.tokens.actions, device=device)
     scenes = task.sample(share_size(cfg.batch_size), generator).to(device)  # this rank's share

@@ -24,7 +24,13 @@ from lora_runtime._fs import write_json_atomic, write_text_atomic
 from lora_runtime.adapters import iter_lora_layers, trainable_summary
 from lora_runtime.compile import compile_actor
 from lora_runtime.config import RunConfig, TrainerConfig
-from lora_runtime.rl.actor_setup import base_path, build_actor, logits_fn_for, make_task
+from lora_runtime.rl.actor_setup import (
+    base_path,
+    build_actor,
+    logits_fn_for,
+    make_task,
+    measure_chance,
+)
 from lora_runtime.rl.outputs import (
     MetricsWriter,
     UsageError,
@@ -35,6 +41,7 @@ from lora_runtime.rl.outputs import (
 from lora_runtime.rl.run_control import Interrupt, catch_signals, num_threads
 from lora_runtime.rl.seeding import RunSeeds
 from lora_runtime.rl.step import Reference, lr_at, rl_step
+from lora_runtime.rl.tasks.episodic import EpisodicTask
 from lora_runtime.rl.tasks.reach import ReachTask
 from lora_runtime.rl.train_state import (
     TrainState,
@@ -98,7 +105,7 @@ class Session:
     run_cfg: RunConfig
     model: nn.Module
     forward_model: nn.Module  # `model`, or its torch.compile wrapper
-    task: ReachTask
+    task: ReachTask | EpisodicTask
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     reference: Reference
@@ -204,6 +211,7 @@ def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.dev
         if state_dir is not None:
             session.start_step = load_train_state(state_dir, model, optimizer, generator, cfg)
             log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
+        measure_chance(session.task, run_cfg)  # multi-step tasks: the random policy's and warm start's levels
         if cfg.compile:
             session.forward_model = compile_actor(model)
         return _run(session, on_step, log, display)
@@ -212,7 +220,7 @@ def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.dev
 def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log: Callable[[str], None],
          display: Display) -> RunResult:
     cfg, out = session.run_cfg.trainer, session.out
-    logits_fn = logits_fn_for(session.model)
+    logits_fn = logits_fn_for(session.model, session.task)
     main = parallel.is_main_process()
     if main:
         os.makedirs(out, exist_ok=True)
@@ -237,6 +245,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                 stats = parallel.reduce_metrics(stats)  # means over ranks
                 stats["samples_per_s"] *= parallel.get_world_size()  # all ranks' samples
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
+                          **getattr(session.task, "levels", {}),
                           "lr": session.optimizer.param_groups[0]["lr"]}
                 records.append(record)
                 if metrics is not None:
@@ -294,6 +303,10 @@ def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, lo
         "device": str(session.device),
         "compile": cfg.compile,
     }
+    if records and "success_rate" in records[0]:  # multi-step tasks
+        successes = [r["success_rate"] for r in records]
+        summary.update(first_success=_mean(successes[:SUMMARY_WINDOW]), final_success=_mean(successes[-SUMMARY_WINDOW:]),
+                       env_steps_per_s=_mean([r["env_steps_per_s"] for r in records]))
     result = RunResult(out, interrupted, summary, session.model, flag.signal, list(session.saved), parallel.is_main_process())
     if not result.is_main:
         return result

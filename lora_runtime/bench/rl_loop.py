@@ -1,0 +1,148 @@
+"""The RL loop itself: rollout vs train time per GRPO iteration on a multi-step task.
+
+    python -m lora_runtime.bench.rl_loop [CONFIG] [--iterations N] [--variants lora_eager,lora_compiled,peft_eager]
+
+For each variant, the same warm-started built-in base (from CONFIG, default
+configs/lora_new.yaml) gets the same rank-r adapter on the same targets (this runtime's
+fused LoRA, eager or through `compile_actor`, or HF PEFT's `get_peft_model`), with `lora_B`
+drawn non-zero, and runs `N` GRPO iterations of `episode_step` from the same trainer seed.
+Iterations are interleaved across variants (variant order rotated by one per iteration) so a
+load change on a shared machine hits all of them; the first iteration of each is a warm-up
+(compilation) and is reported apart. Medians of `rollout_s`, `train_s` and env steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lora_runtime.actor import prepare_actor
+from lora_runtime.adapters import adapter_disabled, iter_lora_layers
+from lora_runtime.compile import compile_actor
+from lora_runtime.config import load_config
+from lora_runtime.rl.actor_setup import load_base, make_task, vla_episode_logits
+from lora_runtime.rl.episode_step import episode_step
+
+VARIANTS = ("lora_eager", "lora_compiled", "peft_eager")
+
+
+class _Reference:
+    """The base policy: adapters disabled (ours), or PEFT's `disable_adapter()`."""
+
+    def __init__(self, model: nn.Module, peft: bool) -> None:
+        self.model, self.peft = model, peft
+
+    @torch.no_grad()
+    def apply(self, fn):
+        ctx = self.model.disable_adapter() if self.peft else adapter_disabled(self.model)
+        with ctx:
+            return fn(self.model)
+
+
+def _draw_b(layers: list[tuple[nn.Module, nn.Module]], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a, b in layers:
+            a.weight.copy_(torch.randn(a.weight.shape, generator=gen) / a.weight.shape[0])
+            b.weight.copy_(torch.randn(b.weight.shape, generator=gen) * 0.02)
+
+
+def build(variant: str, base: nn.Module, cfg) -> tuple[nn.Module, nn.Module, _Reference]:
+    """`(model, forward_model, reference)` of one variant on a copy of `base`."""
+    mc = cfg.actor.model
+    if variant.startswith("peft"):
+        from peft import LoraConfig, get_peft_model  # deferred: optional dependency
+
+        ours = prepare_actor(copy.deepcopy(base), mc)
+        targets = sorted({path.rsplit(".", 1)[-1] for path, _ in iter_lora_layers(ours)})
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=mc.lora_rank, lora_alpha=mc.lora_rank,
+                                                                target_modules=targets, lora_dropout=0.0))
+        inner = model.base_model.model
+        layers = [(inner.get_submodule(p).lora_A["default"], inner.get_submodule(p).lora_B["default"])
+                  for p, _ in iter_lora_layers(ours)]
+        _draw_b(layers, 0)
+        return model, model, _Reference(model, True)
+    model = prepare_actor(copy.deepcopy(base), mc)
+    _draw_b([(layer.lora_A, layer.lora_B) for _, layer in iter_lora_layers(model)], 0)
+    forward = compile_actor(model) if variant == "lora_compiled" else model
+    return model, forward, _Reference(model, False)
+
+
+@contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure(config: str, iterations: int, variants: list[str], threads: int = 1) -> dict:
+    """Runs the interleaved loop; returns per-variant samples and medians."""
+    cfg = load_config(config)
+    with _threads(threads):
+        base = load_base(cfg)
+        task = make_task(cfg, base)
+        runs = {}
+        for v in variants:
+            model, forward, ref = build(v, base, cfg)
+            params = [p for p in model.parameters() if p.requires_grad]
+            runs[v] = {"model": model, "forward": forward, "ref": ref,
+                       "opt": torch.optim.AdamW(params, lr=cfg.trainer.lr), "gen": torch.Generator().manual_seed(cfg.trainer.seed),
+                       "samples": []}
+        for i in range(iterations):
+            order = variants[i % len(variants):] + variants[: i % len(variants)]
+            for v in order:
+                r = runs[v]
+                stats = episode_step(r["model"], r["forward"], vla_episode_logits, r["ref"], r["opt"], task, cfg.trainer,
+                                     r["gen"], torch.device("cpu"))
+                r["samples"].append({k: stats[k] for k in ("rollout_s", "train_s", "env_steps", "env_steps_per_s",
+                                                            "trained_steps", "success_rate")})
+    load = os.getloadavg()
+    out = {"config": config, "iterations": iterations, "threads": threads, "loadavg_end": load, "variants": {}}
+    for v in variants:
+        s = runs[v]["samples"]
+        rest = s[1:] or s
+        out["variants"][v] = {
+            "warmup": s[0],
+            "rollout_s": statistics.median(x["rollout_s"] for x in rest),
+            "train_s": statistics.median(x["train_s"] for x in rest),
+            "env_steps_per_s": statistics.median(x["env_steps_per_s"] for x in rest),
+            "train_per_step_ms": statistics.median(1000 * x["train_s"] / max(x["trained_steps"], 1) for x in rest),
+            "rollout_per_env_step_ms": statistics.median(1000 * x["rollout_s"] / x["env_steps"] for x in rest),
+            "samples": s,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lora_runtime.bench.rl_loop", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="?", default="configs/lora_new.yaml")
+    p.add_argument("--iterations", type=int, default=4)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+    result = measure(args.config, args.iterations, [v for v in args.variants.split(",") if v], args.threads)
+    print(f"RL loop, {args.config}, {args.iterations} iterations (first = warm-up), load at end {result['loadavg_end']}")
+    print(f"{'variant':<15}{'rollout s':>10}{'train s':>9}{'env steps/s':>13}{'ms/env step':>13}{'train ms/step':>15}")
+    for v, r in result["variants"].items():
+        print(f"{v:<15}{r['rollout_s']:>10.2f}{r['train_s']:>9.2f}{r['env_steps_per_s']:>13.0f}"
+              f"{r['rollout_per_env_step_ms']:>13.2f}{r['train_per_step_ms']:>15.2f}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Whole episodes, batched over environments: the rollouts of the multi-step tasks.
+
+`run_episodes(task, seeds, policy)` resets the task's vector environment with one seed per
+environment (a seed fixes the level's layout and mission), steps every environment that is
+still running with one batched policy call per step, and stops when all have ended
+(terminated or truncated). More seeds than environments run in rounds. The recorded steps
+are flat (`S` steps of `E` episodes); `Episodes.episode` maps each step to its episode.
+
+Policies: `ModelPolicy` (the actor: sampled with Gumbel noise from a CPU generator, or
+greedy), `UniformPolicy` (the random baseline), `ExpertPolicy` (the adapter's scripted
+expert, for behaviour cloning).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lora_runtime.rl.grpo import action_log_probs
+from lora_runtime.rl.tasks.episodic import (
+    HELD_OUT_SEED,
+    TRAIN_SEED_LIMIT,
+    EpisodicTask,
+    ObsBatch,
+    quiet,
+)
+
+EpisodeLogitsFn = Callable[[nn.Module, ObsBatch], torch.Tensor]  # -> [N, vocab] at the action position
+BASELINE_EPISODES = 32
+
+
+@dataclass
+class Episodes:
+    """`E` finished episodes and their `S` recorded steps."""
+
+    obs: ObsBatch | None  # S observations (None when not recorded)
+    episode: torch.Tensor  # [S] long, the episode of each step
+    actions: torch.Tensor  # [S] long, action index in [0, K)
+    logp: torch.Tensor  # [S] log-prob of the action under the acting policy
+    returns: torch.Tensor  # [E] float, sum of rewards
+    lengths: torch.Tensor  # [E] long, environment steps
+    seeds: list[int]
+    rollout_s: float = 0.0
+
+    @property
+    def success(self) -> torch.Tensor:
+        """`[E]` bool: the episode earned a positive return (BabyAI: reached the goal)."""
+        return self.returns > 0
+
+    def stats(self) -> dict[str, float]:
+        steps = int(self.lengths.sum())
+        return {
+            "success_rate": self.success.float().mean().item(),
+            "reward_mean": self.returns.mean().item(),
+            "episode_len": self.lengths.float().mean().item(),
+            "env_steps": steps,
+            "rollout_s": self.rollout_s,
+            "env_steps_per_s": steps / max(self.rollout_s, 1e-9),
+        }
+
+
+class ModelPolicy:
+    """The actor as a policy: one batched forward per environment step (call under no_grad).
+
+    Args:
+        model: the actor.
+        logits_fn: `(model, ObsBatch) -> [N, vocab]` logits at the action position.
+        task: the task (action token ids).
+        temperature: softmax temperature over the action tokens.
+        generator: CPU generator of the Gumbel noise (unused when greedy).
+        greedy: take the most likely action instead of sampling.
+        device: where the model runs.
+    """
+
+    needs_obs = True
+
+    def __init__(self, model: nn.Module, logits_fn: EpisodeLogitsFn, task: EpisodicTask, temperature: float,
+                 generator: torch.Generator | None, greedy: bool, device: torch.device | str = "cpu") -> None:
+        self.model, self.logits_fn, self.temperature = model, logits_fn, temperature
+        self.generator, self.greedy, self.device = generator, greedy, device
+        self.action_ids = task.action_ids.to(device)
+
+    def start(self, index: int, env: Any) -> None:
+        """Called after each reset of environment `index`."""
+
+    def act(self, obs: ObsBatch | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = action_log_probs(self.logits_fn(self.model, obs.to(self.device)), self.action_ids, self.temperature).cpu()  # [n, K]
+        if self.greedy:
+            choice = logp.argmax(dim=-1)
+        else:
+            u = torch.rand(logp.shape, generator=self.generator).clamp_(1e-9, 1.0 - 1e-9)
+            choice = (logp - torch.log(-torch.log(u))).argmax(dim=-1)  # [n] Gumbel-max sample
+        return choice, logp.gather(-1, choice[:, None])[:, 0]
+
+
+class UniformPolicy:
+    """Every action with probability 1/K, drawn from `generator`."""
+
+    needs_obs = False
+
+    def __init__(self, num_actions: int, generator: torch.Generator) -> None:
+        self.k, self.generator = num_actions, generator
+
+    def start(self, index: int, env: Any) -> None:
+        """Nothing to set up."""
+
+    def act(self, obs: ObsBatch | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        choice = torch.randint(0, self.k, (len(active),), generator=self.generator)
+        return choice, torch.full((len(active),), -float(np.log(self.k)))
+
+
+class ExpertPolicy:
+    """The adapter's scripted expert (`adapter.expert(env)`), one per environment."""
+
+    needs_obs = False
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self.experts: dict[int, Any] = {}
+
+    def start(self, index: int, env: Any) -> None:
+        self.experts[index] = self.adapter.expert(env)
+
+    def act(self, obs: ObsBatch | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([next(self.experts[i]) for i in active]), torch.zeros(len(active))
+
+
+def draw_seeds(generator: torch.Generator, n: int) -> list[int]:
+    """`n` training seeds (below `TRAIN_SEED_LIMIT`, so never a held-out one) from `generator`."""
+    return torch.randint(0, TRAIN_SEED_LIMIT, (n,), generator=generator).tolist()
+
+
+def held_out_seeds(n: int) -> list[int]:
+    """The evaluation seeds: `HELD_OUT_SEED + i`, disjoint from every training seed."""
+    return [HELD_OUT_SEED + i for i in range(n)]
+
+
+def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: bool = True) -> Episodes:
+    """Plays one episode per seed, `task.num_envs` at a time.
+
+    Args:
+        task: the environments and their adapter.
+        seeds: `E` reset seeds (the same seed twice gives the same layout and mission).
+        policy: `ModelPolicy`, `UniformPolicy` or `ExpertPolicy` (see the module doc).
+        record: keep every step's observation, action and log-prob (training, demonstrations).
+
+    Returns:
+        The `E` episodes, in the order of `seeds`.
+    """
+    start = time.perf_counter()
+    width, env = task.num_envs, task.env
+    obs_parts: list[ObsBatch] = []
+    ep_parts, act_parts, logp_parts = [], [], []
+    returns = np.zeros(len(seeds))
+    lengths = np.zeros(len(seeds), dtype=np.int64)
+    for first in range(0, len(seeds), width):
+        chunk = list(seeds[first:first + width])
+        padded = chunk + [chunk[-1]] * (width - len(chunk))  # spare environments run no episode
+        with quiet():
+            batched, _ = env.reset(seed=padded)
+        for i in range(len(chunk)):
+            policy.start(i, env.envs[i])
+        active = list(range(len(chunk)))
+        while active:
+            per_env = task.split(batched)
+            obs = task.encode([per_env[i] for i in active]) if (record or policy.needs_obs) else None
+            choice, logp = policy.act(obs, active)
+            actions = np.zeros(width, dtype=np.int64)
+            actions[active] = choice.numpy()
+            with quiet():  # an autoreset may generate a level
+                batched, reward, terminated, truncated, _ = env.step(actions)
+            idx = np.asarray(active) + first
+            returns[idx] += reward[active]
+            lengths[idx] += 1
+            if record:
+                obs_parts.append(obs)
+                ep_parts.append(torch.from_numpy(idx))
+                act_parts.append(choice)
+                logp_parts.append(logp)
+            ended = terminated | truncated  # [width]
+            ended[: len(chunk)] |= lengths[first:first + len(chunk)] >= task.max_episode_steps
+            active = [i for i in active if not ended[i]]
+    empty = torch.zeros(0, dtype=torch.long)
+    return Episodes(
+        obs=ObsBatch.cat(obs_parts) if record else None,
+        episode=torch.cat(ep_parts) if record else empty,
+        actions=torch.cat(act_parts) if record else empty,
+        logp=torch.cat(logp_parts) if record else torch.zeros(0),
+        returns=torch.from_numpy(returns).float(),
+        lengths=torch.from_numpy(lengths),
+        seeds=list(seeds),
+        rollout_s=time.perf_counter() - start,
+    )
+
+
+def random_baseline(task: EpisodicTask, episodes: int = BASELINE_EPISODES) -> dict[str, float]:
+    """Success rate and mean return of the uniformly random policy on the first held-out seeds."""
+    policy = UniformPolicy(task.num_actions_per_step, torch.Generator().manual_seed(0))
+    return run_episodes(task, held_out_seeds(episodes), policy, record=False).stats()

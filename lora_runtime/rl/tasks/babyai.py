@@ -1,0 +1,199 @@
+"""BabyAI / MiniGrid levels (Farama's `minigrid`) as seen by the actor.
+
+An observation of a MiniGrid environment is a dict: `image` `[7, 7, 3]` (the agent's
+egocentric partial view, one `(object, colour, state)` triple per cell), `direction` and
+`mission` (a sentence of the BabyAI grammar, e.g. "go to the red ball"). This module turns it
+into what the actor reads:
+
+- **pixels** for the built-in actor: the RGB partial view exactly as minigrid's own
+  `RGBImgPartialObsWrapper(tile_size)` draws it (`env.get_frame(agent_pov=True)`), composed
+  here from the symbolic view with tiles drawn once by minigrid's `Grid.render_tile`: the same
+  image at about 3x the environment steps per second (`tests/test_babyai.py` checks the two
+  are equal pixel for pixel);
+- **mission words** through `VOCABULARY` (the BabyAI grammar, written out below); a word
+  outside it is an error naming the word and the level, never a silent unknown token;
+- **symbol words** for text-only language models: one word per cell of the 7x7 view
+  (`<object>_<colour>_<state>`, e.g. `key_red_0`), as they read the reach board.
+
+Actions are MiniGrid's 7 (left, right, forward, pickup, drop, toggle, done), one action token
+each.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from lora_runtime.config import ConfigError
+
+# The BabyAI grammar (minigrid/envs/babyai/core/verifier.py: ObjDesc.surface and the
+# instructions' surface()): verbs, articles, colours, object types, locations, connectives.
+BABYAI_WORDS: tuple[str, ...] = (
+    "go", "to", "pick", "up", "open", "put", "next",
+    "the", "a",
+    "red", "green", "blue", "purple", "yellow", "grey",
+    "ball", "box", "key", "door", "object",
+    "in", "front", "of", "you", "behind", "on", "your", "left", "right",
+    "then", "after", "and", ",",
+)
+# MiniGrid's own (non-BabyAI) missions, e.g. "get to the green goal square", "use the key to
+# open the door and then get to the goal", "avoid the lava and get to the green goal square".
+MINIGRID_WORDS: tuple[str, ...] = (
+    "get", "goal", "square", "use", "avoid", "lava", "reach", "grab", "fetch", "pick", "unlock",
+    "match", "color", "same", "as", "square", "agent",
+)
+VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(BABYAI_WORDS + MINIGRID_WORDS))
+
+VIEW = 7  # MiniGrid's default agent_view_size
+NUM_ACTIONS = 7
+ACTION_NAMES = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
+
+_TOKEN = re.compile(r"[a-z]+|,")
+
+
+def mission_words(mission: str, env_id: str = "the environment") -> list[str]:
+    """Splits a mission into vocabulary words (lower case; commas are words).
+
+    Raises:
+        ConfigError: a word outside `VOCABULARY` (names the word, the mission and the level).
+    """
+    words = _TOKEN.findall(mission.lower())
+    unknown = [w for w in words if w not in VOCABULARY]
+    if unknown or not words:
+        what = f"the word {unknown[0]!r}" if unknown else "no word"
+        raise ConfigError(
+            f"task.env_id={env_id!r}: the mission {mission!r} has {what} outside the BabyAI vocabulary "
+            f"(lora_runtime.rl.tasks.babyai.VOCABULARY: {' '.join(VOCABULARY)}); pick a BabyAI/MiniGrid "
+            "level whose missions use these words, or bring your own adapter with task.kind: gym"
+        )
+    return words
+
+
+def symbol_vocabulary() -> tuple[str, ...]:
+    """Every word `symbol_words` can return (object x colour x state)."""
+    from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX  # deferred: optional dependency
+
+    return tuple(f"{o}_{c}_{s}" for o in OBJECT_TO_IDX for c in COLOR_TO_IDX for s in range(3))
+
+
+def symbol_words(image: np.ndarray) -> list[str]:
+    """`[7, 7, 3]` symbolic view -> 49 words, row by row of the rendered view (y, then x)."""
+    from minigrid.core.constants import IDX_TO_COLOR, IDX_TO_OBJECT  # deferred: optional dependency
+
+    return [f"{IDX_TO_OBJECT[int(t)]}_{IDX_TO_COLOR[int(c)]}_{int(s)}"
+            for t, c, s in image.transpose(1, 0, 2).reshape(-1, 3)]
+
+
+class PovRenderer:
+    """Draws the RGB partial view from the symbolic one, as `RGBImgPartialObsWrapper` does.
+
+    minigrid renders the agent's view grid (`gen_obs_grid`) with the agent at the bottom
+    centre facing up, invisible cells left empty and visible cells highlighted; every tile
+    comes from `Grid.render_tile`. The symbolic view encodes exactly that grid (unseen cells
+    are type 0, the agent's cell holds what it carries), so one tile per
+    `(type, colour, state, agent here)` reproduces the image.
+
+    Args:
+        tile_size: pixels per cell; the image is `7 * tile_size` square.
+    """
+
+    def __init__(self, tile_size: int) -> None:
+        self.tile_size = tile_size
+        self._tiles: dict[tuple[int, int, int, bool], np.ndarray] = {}
+
+    def _tile(self, key: tuple[int, int, int, bool]) -> np.ndarray:
+        tile = self._tiles.get(key)
+        if tile is None:
+            from minigrid.core.grid import Grid  # deferred: optional dependency
+            from minigrid.core.world_object import WorldObj  # deferred: optional dependency
+
+            type_idx, color_idx, state, agent = key
+            obj = None if type_idx in (0, 1) else WorldObj.decode(type_idx, color_idx, state)
+            tile = Grid.render_tile(obj, agent_dir=3 if agent else None, highlight=type_idx != 0, tile_size=self.tile_size)
+            self._tiles[key] = tile
+        return tile
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """`[7, 7, 3]` symbolic view (indexed `[x, y]`) -> `[7*t, 7*t, 3]` uint8 RGB."""
+        t = self.tile_size
+        out = np.empty((VIEW * t, VIEW * t, 3), dtype=np.uint8)
+        agent = (VIEW // 2, VIEW - 1)
+        for x in range(VIEW):
+            for y in range(VIEW):
+                a, b, c = image[x, y]
+                out[y * t:(y + 1) * t, x * t:(x + 1) * t] = self._tile((int(a), int(b), int(c), (x, y) == agent))
+        return out
+
+
+def babyai_ids() -> list[str]:
+    """Registered BabyAI and MiniGrid environment ids."""
+    import gymnasium as gym  # deferred: optional dependency
+    import minigrid  # noqa: F401  # deferred: registers the environments
+
+    return sorted(k for k in gym.registry if k.startswith(("BabyAI-", "MiniGrid-")))
+
+
+def check_env_id(env_id: str) -> None:
+    """Raises ConfigError unless `env_id` is a registered BabyAI / MiniGrid id."""
+    try:
+        known = babyai_ids()
+    except ImportError as exc:
+        raise ConfigError(f"task.kind: babyai needs gymnasium and minigrid ({exc}); pip install gymnasium minigrid") from None
+    if env_id in known:
+        return
+    close = difflib.get_close_matches(env_id, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    levels = ", ".join(k for k in known if k.startswith("BabyAI-GoTo"))
+    raise ConfigError(
+        f"task.env_id={env_id!r} is not a registered BabyAI/MiniGrid environment{hint} "
+        f"(e.g. {levels}; all ids start with 'BabyAI-' or 'MiniGrid-')"
+    )
+
+
+class BabyAIAdapter:
+    """The observation adapter of a BabyAI / MiniGrid level (see `lora_runtime.rl.tasks.episodic`).
+
+    Args:
+        env_id: the level (used in error messages).
+        tile_size: pixels per cell of the rendered view.
+    """
+
+    def __init__(self, env_id: str, tile_size: int) -> None:
+        self.env_id = env_id
+        self.vocabulary = VOCABULARY
+        self.symbol_vocabulary = symbol_vocabulary()
+        self.num_actions = NUM_ACTIONS
+        self.render = PovRenderer(tile_size)
+
+    def image(self, obs: dict[str, Any]) -> np.ndarray:
+        """`[7*t, 7*t, 3]` uint8 RGB partial view."""
+        return self.render(obs["image"])
+
+    def words(self, obs: dict[str, Any]) -> list[str]:
+        """The mission's words."""
+        return mission_words(obs["mission"], self.env_id)
+
+    def symbols(self, obs: dict[str, Any]) -> list[str]:
+        """49 cell words of the partial view (text-only language models)."""
+        return symbol_words(obs["image"])
+
+    def expert(self, env: Any) -> Iterator[int]:
+        """minigrid's scripted BabyAI expert (`BabyAIBot`) on the reset `env`: its actions."""
+        from minigrid.utils.baby_ai_bot import BabyAIBot  # deferred: optional dependency
+
+        bot = BabyAIBot(env.unwrapped)
+        while True:
+            yield int(bot.replan())
+
+
+def make_babyai_env(env_id: str, max_episode_steps: int | None = None) -> Any:
+    """One environment of the level, without render wrappers (`BabyAIAdapter` draws)."""
+    import gymnasium as gym  # deferred: optional dependency
+    import minigrid  # noqa: F401  # deferred: registers the environments
+
+    kwargs = {"max_steps": max_episode_steps} if max_episode_steps is not None else {}
+    return gym.make(env_id, **kwargs)
