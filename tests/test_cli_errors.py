@@ -46,13 +46,27 @@ def setup_case(tmp_path, case: str) -> tuple[list[str], list[str]]:
     if case == "merge-out-not-empty":
         (tmp_path / "merged").mkdir()
         (tmp_path / "merged" / "keep.txt").write_text("mine")
-        (tmp_path / "adapter").mkdir()
+        _save_any_adapter(tmp_path / "adapter")  # valid, so the --out check is the one that refuses
         cfg = write_yaml(tmp_path / "c.yaml", raw)
         return (["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), cfg],
                 ["merge --out", "merged", "not an empty folder"])
     if case == "demo-missing-configs":
         return ["demo", "--configs", str(tmp_path / "noconfigs")], ["noconfigs", "--configs"]
     raise AssertionError(case)
+
+
+def _save_any_adapter(directory) -> None:
+    """A valid PEFT-layout adapter folder (of a one-layer model, non-zero B)."""
+    import torch
+    from torch import nn
+
+    from lora_runtime.adapters import apply_lora, iter_lora_layers, save_adapter
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    apply_lora(model, rank=2, target_modules=["0"])
+    for _, layer in iter_lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight)
+    save_adapter(model, directory)
 
 
 CASES = ["train-every-problem-at-once", "train-missing-adapter", "inspect-bad-rank",

@@ -253,8 +253,8 @@ def test_save_every_writes_intermediate_checkpoints(tmp_path, base_dir):
         steps = []
 
         def on_step(record, out=out, steps=steps):
-            state = out / "train_state" / "state.pt"
-            steps.append(torch.load(state, weights_only=True)["step"] if state.exists() else None)
+            meta = out / "train_state" / "meta.json"
+            steps.append(json.loads(meta.read_text())["step"] if meta.exists() else None)
 
         cfg = train_yaml(tmp_path, base_dir, f"s{every}", steps=5, save_every=every)
         train(cfg, log=quiet, on_step=on_step)

@@ -159,5 +159,5 @@ def test_training_state_of_other_weights_is_refused(tmp_path, base_dir):
     with pytest.raises(UsageError) as info:
         run(raw_run(tmp_path / "second", base_dir, "resume", tmp_path / "first" / "adapter", steps=1))
     message = str(info.value)
-    assert "state.pt" in message and "other weights" in message and "resume_train_state=false" in message
+    assert "train_state" in message and "other weights" in message and "resume_train_state=false" in message
     assert snapshot_files(tmp_path) == before and not (tmp_path / "second").exists()

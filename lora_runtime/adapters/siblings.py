@@ -24,6 +24,10 @@ from lora_runtime.ops.lora_group import lora_group
 __all__ = ["SiblingGroup"]
 
 
+def _in_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _version(t: torch.Tensor) -> int:
     """`t._version`; inference tensors keep none (they cannot be changed outside
     inference mode, and inside it a write between two members is not caught)."""
@@ -78,8 +82,11 @@ class SiblingGroup:
     def _stacked_a(self, dtype: torch.dtype) -> torch.Tensor:
         """`cat(A_i)`, `[R, in]`, in the base dtype; cached across no-grad calls (eager)."""
         weights = [m.lora_A.weight for m in self.members]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return torch.cat([w.to(dtype) for w in weights])  # autograd splits dA back
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _in_process_group():
+            # autograd splits dA back; under FSDP2 the gathered A is refilled in place each
+            # forward without a version bump, so a cache keyed on (data_ptr, _version) would
+            # go stale (seen: load_adapter into a sharded actor kept the old A)
+            return torch.cat([w.to(dtype) for w in weights])
         key = (dtype, *((w.data_ptr(), w._version) for w in weights))
         if key != self._a_key or self._a_cached is None:
             self._a_cached = torch.cat([w.to(dtype) for w in weights])

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["torchscript", "aoti"], help="torchscript (.pt) or aoti (.pt2)")
     p.add_argument("--merged", action="store_true", help="fold the adapter into the weights first (the file needs only torch)")
     p.add_argument("--out", required=True, metavar="FILE", help="the file to create (.pt or .pt2; must not exist)")
+    _add_set(p)
+
     p = sub.add_parser("eval", help="greedy success rate and return on held-out seeds (multi-step tasks)",
                        description="Evaluate greedily on held-out seeds (never a training seed): the config's base "
                        "(with its lora_path adapter, if any), --adapter DIR on the base, or with --merged the adapter "
