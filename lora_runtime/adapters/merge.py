@@ -214,7 +214,6 @@ def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
     a, b = layer.lora_A.weight, layer.lora_B.weight
     versions = (a._version, b._version)
     w, delta = _local_weight_and_delta(layer)  # [rows, in] each (all rows unsharded)
-    weight = w
     merged_w = _add_delta(w, delta.clone())  # [rows, in], W's dtype
     candidate = _sub_delta(merged_w, delta)  # what the restore will compute
     del delta
@@ -236,8 +235,8 @@ def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
         adapter_versions=versions,
     )
     del patch
-    weight.copy_(merged_w)
-    restore.weight_version = None if isinstance(layer.base_layer.weight, DTensor) else weight._version
+    w.copy_(merged_w)  # `w` shares the base weight's storage (and version counter)
+    restore.weight_version = None if isinstance(layer.base_layer.weight, DTensor) else w._version
     layer.merged = True
     return restore
 
