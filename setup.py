@@ -20,7 +20,9 @@ def extension():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda_sources)
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx.append("-std=c++17")
+    # No FMA contraction: merge_exact.cpp must round `W + s * P` as two separate operations,
+    # exactly as the tensor ops of merged_weight() do.
+    cxx += ["-std=c++17", "-ffp-contract=off"]
     if use_cuda:
         return CUDAExtension(
             "lora_runtime.ops._C",

@@ -25,12 +25,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from lora_runtime._dist import full_tensor, local_rows
-from lora_runtime.adapters.layer import LoRALinear, accumulation_dtype
-from lora_runtime.adapters.merge_bits import bits, checksum, pack, unpack
+from lora_runtime._dist import full_tensor
+from lora_runtime.adapters.layer import LoRALinear
+from lora_runtime.adapters.merge_store import (
+    LayerRestore,
+    add_delta,
+    merge_layer,
+    nbytes,
+    restore_layer,
+)
 from lora_runtime.adapters.targets import iter_lora_layers, restore_base_layers, unwrap_model
 from lora_runtime.adapters.tied import mark_untied, retie, tied_paths, untie
 
@@ -50,16 +55,7 @@ def merged_weight(layer: LoRALinear) -> torch.Tensor:
     Returns:
         A new tensor `[out, in]` with the base weight's dtype and device.
     """
-    return _add_delta(layer.base_layer.weight.detach(), layer.get_delta_weight())
-
-
-def _add_delta(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """`round_to_W_dtype(weight + delta)`, the sum in `accumulation_dtype(weight.dtype)`; a new tensor.
-
-    `delta` (float32 `[out, in]`) is used as the accumulator and overwritten.
-    """
-    acc = delta.to(accumulation_dtype(weight.dtype))  # [out, in]
-    return acc.add_(weight).to(weight.dtype)
+    return add_delta(layer.base_layer.weight.detach(), layer.get_delta_weight())
 
 
 def check_mergeable(model: nn.Module, caller: str) -> list[tuple[str, LoRALinear]]:
@@ -167,107 +163,7 @@ class MergeStats:
         return self.extra_bytes / self.merged_bytes if self.merged_bytes else 0.0
 
 
-@dataclass
-class _Restore:
-    """One merged layer: what the exact restore needs (a patch, or a plain copy of W)."""
-
-    path: str
-    layer: LoRALinear
-    mask: torch.Tensor | None  # uint8 [ceil(numel / 8)], packed bits of patched elements
-    values: torch.Tensor  # [n_patched], original values, W's dtype (empty with `copy`)
-    copy: torch.Tensor | None  # [out, in], W at entry, when smaller than mask + values
-    lora_a: torch.Tensor  # [r, in], snapshot at entry
-    lora_b: torch.Tensor  # [out, r], snapshot at entry
-    checksum: int  # sum of W's bit patterns, to verify the restore (0 with `copy`)
-    weight_version: int | None  # W._version after merging; None for an FSDP2 shard, whose
-    # storage FSDP2 rewrites around forwards (the bit-exact checksum still guards it)
-    adapter_versions: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:
-        held = [self.values, self.lora_a, self.lora_b]
-        held += [t for t in (self.mask, self.copy) if t is not None]
-        return sum(_nbytes(t) for t in held)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _sub_delta(merged_w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """`round_to_W_dtype(merged_w - delta)`: the restore's first guess of W; a new tensor."""
-    acc = merged_w.to(accumulation_dtype(merged_w.dtype), copy=True)  # [out, in]
-    return acc.sub_(delta).to(merged_w.dtype)
-
-
-def _local_weight_and_delta(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's base weight rows (all, unsharded; an FSDP2 shard's, sharing its storage) and
-    their delta `scaling * B[rows] @ A` `[rows, in]` (as `get_delta_weight`; A, B gathered)."""
-    weight, rows = local_rows(layer.base_layer.weight.detach())  # [rows, in]
-    a = full_tensor(layer.lora_A.weight.detach()).to(accumulation_dtype(weight.dtype))  # [r, in]
-    b = full_tensor(layer.lora_B.weight.detach())[rows].to(a.dtype)  # [rows, r]
-    return weight, (b @ a) * layer.scaling
-
-
-def _merge_layer(path: str, layer: LoRALinear) -> _Restore:
-    """Merges one layer in place and returns what restores it bit-exactly (the smaller store)."""
-    a, b = layer.lora_A.weight, layer.lora_B.weight
-    versions = (a._version, b._version)
-    w, delta = _local_weight_and_delta(layer)  # [rows, in] each (all rows unsharded)
-    merged_w = _add_delta(w, delta.clone())  # [rows, in], W's dtype
-    candidate = _sub_delta(merged_w, delta)  # what the restore will compute
-    del delta
-    patch = bits(candidate) != bits(w)  # [out, in] bool, bit patterns
-    del candidate
-    n_patched = int(patch.sum())
-    patch_bytes = (n_patched * w.element_size() + (w.numel() + 7) // 8) if n_patched else 0
-    use_copy = patch_bytes >= _nbytes(w)
-    restore = _Restore(
-        path=path,
-        layer=layer,
-        mask=pack(patch) if n_patched and not use_copy else None,
-        values=w.masked_select(patch) if not use_copy else w.new_empty(0),  # [n_patched]
-        copy=w.clone() if use_copy else None,
-        lora_a=a.detach().clone(),
-        lora_b=b.detach().clone(),
-        checksum=0 if use_copy else checksum(w),
-        weight_version=-1,
-        adapter_versions=versions,
-    )
-    del patch
-    w.copy_(merged_w)  # `w` shares the base weight's storage (and version counter)
-    restore.weight_version = None if isinstance(layer.base_layer.weight, DTensor) else w._version
-    layer.merged = True
-    return restore
-
-
-def _restore_layer(item: _Restore) -> list[str]:
-    """Puts the original weight back; returns the problems found (empty when all is well)."""
-    layer, problems = item.layer, []
-    a, b = layer.lora_A.weight, layer.lora_B.weight
-    if (a._version, b._version) != item.adapter_versions:
-        a.copy_(item.lora_a)
-        b.copy_(item.lora_b)
-        problems.append(f"'{item.path}' adapters (restored to their values at entry)")
-    if item.copy is None:
-        weight, delta = _local_weight_and_delta(layer)  # [rows, in] each
-    else:
-        weight = local_rows(layer.base_layer.weight.detach())[0]  # [rows, in]
-    if item.weight_version is not None and weight._version != item.weight_version:
-        how = "undone: restored from its copy" if item.copy is not None else "it cannot be restored exactly"
-        problems.append(f"'{item.path}.base_layer.weight' ({how})")
-    if item.copy is None:
-        original = _sub_delta(weight, delta)  # [rows, in]
-        if item.mask is not None:
-            original.masked_scatter_(unpack(item.mask, original.shape), item.values)
-    weight.copy_(original if item.copy is None else item.copy)  # a copy is exact as is
-    layer.merged = False
-    if item.copy is None and checksum(weight.detach()) != item.checksum and not problems:
-        problems.append(f"'{item.path}.base_layer.weight' failed the bit-exact check")
-    return problems
-
-
-def _refuse_steps(restores: list[_Restore]) -> Callable[..., None]:
+def _refuse_steps(restores: list[LayerRestore]) -> Callable[..., None]:
     """A global optimizer step pre-hook that raises when a step would touch a merged layer."""
     guarded = {
         id(t): item.path
@@ -331,19 +227,19 @@ def merged(model: nn.Module, max_extra_fraction: float | None = None) -> Iterato
     layers = check_mergeable(model, "merged")
     stats = MergeStats(
         layers=len(layers),
-        merged_bytes=sum(_nbytes(layer.base_layer.weight) for _, layer in layers),
+        merged_bytes=sum(nbytes(layer.base_layer.weight) for _, layer in layers),
         total_elements=sum(layer.base_layer.weight.numel() for _, layer in layers),
     )
     tied = tied_paths(unwrap_model(model), layers)
     shared: dict[str, tuple[LoRALinear, nn.Parameter]] = {}  # untied layers: the shared weight
-    done: list[_Restore] = []
+    done: list[LayerRestore] = []
     try:
         with torch.no_grad():
             for path, layer in layers:
                 if path in tied:
                     shared[path] = (layer, untie(layer))
-                    stats.untied_bytes += _nbytes(layer.base_layer.weight)
-                done.append(_merge_layer(path, layer))
+                    stats.untied_bytes += nbytes(layer.base_layer.weight)
+                done.append(merge_layer(path, layer))
                 stats.extra_bytes += done[-1].nbytes
                 stats.patched_elements += done[-1].values.numel()
                 if limit is not None and stats.extra_bytes >= limit * stats.merged_bytes:
@@ -359,7 +255,7 @@ def merged(model: nn.Module, max_extra_fraction: float | None = None) -> Iterato
     except BaseException:
         with torch.no_grad():
             for item in reversed(done):
-                _restore_layer(item)
+                restore_layer(item)
         for layer, weight in shared.values():
             retie(layer, weight)
         raise
@@ -368,7 +264,7 @@ def merged(model: nn.Module, max_extra_fraction: float | None = None) -> Iterato
     finally:
         hook.remove()
         with torch.no_grad():
-            problems = [p for item in reversed(done) for p in _restore_layer(item)]
+            problems = [p for item in reversed(done) for p in restore_layer(item)]
         for layer, weight in shared.values():
             retie(layer, weight)
         if problems:

@@ -1,0 +1,220 @@
+// The exact, reversible merge of merged(...) (lora_runtime/adapters/merge.py) in two passes
+// over a layer's weight instead of about twenty:
+//
+//   merge_enter(W, P, s): M = round(W + s * P), written into W in place; returns what gives W
+//                         back bit for bit: a packed mask of the elements where
+//                         round(M - s * P) != W (bit patterns) and their original values, or,
+//                         when that patch would hold as many bytes as W, a plain copy of W.
+//   merge_leave(M, P, s, mask, values): W = round(M - s * P) with the masked elements patched
+//                         from `values`; returns the checksum of the result.
+//
+// P = B @ A is the raw rank-r product in the accumulation dtype (float32; float64 for a
+// float64 weight), s the LoRA scale; the sum and the difference are taken in that dtype and
+// rounded once to W's dtype, exactly as merged_weight() does. The checksum is the int64 sum of
+// W's bit patterns read as signed integers of W's width (adapters/merge_bits.checksum).
+// Mask layout: bit j of byte i flags element 8i + j of the flattened weight (merge_bits.pack).
+// CPU only; other devices use the tensor-op path of merge.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace lora_runtime {
+namespace {
+
+constexpr int64_t kBlock = 1 << 14;  // elements per parallel block (a multiple of 8)
+
+template <typename T>
+struct Bits {
+  using type = std::conditional_t<sizeof(T) == 2, int16_t,
+                                  std::conditional_t<sizeof(T) == 4, int32_t, int64_t>>;
+};
+
+template <typename T>
+inline typename Bits<T>::type bits_of(T v) {
+  typename Bits<T>::type out;
+  std::memcpy(&out, &v, sizeof(T));
+  return out;
+}
+
+template <typename T>
+using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+int64_t num_blocks(int64_t n) { return (n + kBlock - 1) / kBlock; }
+
+void check_args(const at::Tensor& w, const at::Tensor& p, const char* op) {
+  TORCH_CHECK(w.device().is_cpu() && p.device().is_cpu(), op,
+              ": CPU tensors only (other devices take merge.py's tensor-op path), got weight on ",
+              w.device(), " and product on ", p.device());
+  TORCH_CHECK(w.is_contiguous() && p.is_contiguous(), op,
+              ": weight and product must be contiguous");
+  TORCH_CHECK(w.sizes() == p.sizes(), op, ": weight ", w.sizes(), " and product ", p.sizes(),
+              " must have one shape");
+  const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(p.scalar_type() == acc, op, ": the product must be ", acc, " for a ",
+              w.scalar_type(), " weight, got ", p.scalar_type());
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> enter_impl(at::Tensor& w,
+                                                                     const at::Tensor& p,
+                                                                     double scaling) {
+  using A = acc_of<T>;
+  const int64_t n = w.numel();
+  const int64_t blocks = num_blocks(n);
+  T* wd = w.data_ptr<T>();
+  const A* pd = p.data_ptr<A>();
+  const A s = static_cast<A>(scaling);
+  at::Tensor mask = at::empty({(n + 7) / 8}, w.options().dtype(at::kByte));
+  uint8_t* md = mask.data_ptr<uint8_t>();
+  std::vector<int64_t> counts(blocks, 0);
+  std::vector<uint64_t> sums(blocks, 0);  // unsigned: wraps like torch's int64 sum
+  // Pass 1: which elements the restore's round(M - s P) would miss, and W's checksum.
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+      int64_t count = 0;
+      uint64_t sum = 0;
+      for (int64_t byte = lo / 8; byte < (hi + 7) / 8; ++byte) {
+        uint8_t flags = 0;
+        for (int64_t i = byte * 8, j = 0; j < 8 && i < hi; ++i, ++j) {
+          const A d = pd[i] * s;
+          const T m = static_cast<T>(static_cast<A>(wd[i]) + d);
+          const T c = static_cast<T>(static_cast<A>(m) - d);
+          const bool miss = bits_of(c) != bits_of(wd[i]);
+          flags |= static_cast<uint8_t>(miss) << j;
+          count += miss;
+          sum += static_cast<uint64_t>(static_cast<int64_t>(bits_of(wd[i])));
+        }
+        md[byte] = flags;
+      }
+      counts[b] = count;
+      sums[b] = sum;
+    }
+  });
+  int64_t patched = 0;
+  uint64_t checksum = 0;
+  std::vector<int64_t> offsets(blocks, 0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    offsets[b] = patched;
+    patched += counts[b];
+    checksum += sums[b];
+  }
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const int64_t patch_bytes = patched ? patched * static_cast<int64_t>(sizeof(T)) + (n + 7) / 8 : 0;
+  const bool use_copy = patch_bytes >= bytes && bytes > 0;
+  at::Tensor copy = use_copy ? w.clone() : at::empty({0}, w.options());
+  at::Tensor values = at::empty({use_copy ? 0 : patched}, w.options());
+  T* vd = values.data_ptr<T>();
+  // Pass 2: keep the missed originals (patch store), write M over W.
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+      int64_t k = offsets[b];
+      for (int64_t i = lo; i < hi; ++i) {
+        if (!use_copy && ((md[i >> 3] >> (i & 7)) & 1)) vd[k++] = wd[i];
+        wd[i] = static_cast<T>(static_cast<A>(wd[i]) + pd[i] * s);
+      }
+    }
+  });
+  if (use_copy || patched == 0) mask = at::empty({0}, mask.options());
+  return {mask, values, copy, at::scalar_tensor(use_copy ? 0 : static_cast<int64_t>(checksum), at::kLong)};
+}
+
+template <typename T>
+at::Tensor leave_impl(at::Tensor& w, const at::Tensor& p, double scaling, const at::Tensor& mask,
+                      const at::Tensor& values) {
+  using A = acc_of<T>;
+  const int64_t n = w.numel();
+  const int64_t blocks = num_blocks(n);
+  T* wd = w.data_ptr<T>();
+  const A* pd = p.data_ptr<A>();
+  const A s = static_cast<A>(scaling);
+  const bool has_mask = mask.numel() > 0;
+  const uint8_t* md = has_mask ? mask.data_ptr<uint8_t>() : nullptr;
+  const T* vd = values.numel() ? values.data_ptr<T>() : nullptr;
+  std::vector<int64_t> offsets(blocks, 0);
+  std::vector<uint64_t> sums(blocks, 0);
+  if (has_mask) {  // where each block's patched values start: popcounts of the mask
+    std::vector<int64_t> counts(blocks, 0);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+        int64_t c = 0;
+        for (int64_t byte = lo / 8; byte < (hi + 7) / 8; ++byte) c += __builtin_popcount(md[byte]);
+        counts[b] = c;
+      }
+    });
+    int64_t total = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      offsets[b] = total;
+      total += counts[b];
+    }
+    TORCH_CHECK(total == values.numel(), "merge_leave: the mask flags ", total,
+                " elements but ", values.numel(), " values were kept");
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+      int64_t k = offsets[b];
+      uint64_t sum = 0;
+      for (int64_t i = lo; i < hi; ++i) {
+        const bool patched = has_mask && ((md[i >> 3] >> (i & 7)) & 1);
+        wd[i] = patched ? vd[k++] : static_cast<T>(static_cast<A>(wd[i]) - pd[i] * s);
+        sum += static_cast<uint64_t>(static_cast<int64_t>(bits_of(wd[i])));
+      }
+      sums[b] = sum;
+    }
+  });
+  uint64_t checksum = 0;
+  for (int64_t b = 0; b < blocks; ++b) checksum += sums[b];
+  return at::scalar_tensor(static_cast<int64_t>(checksum), at::kLong);
+}
+
+}  // namespace
+
+// Returns (mask uint8 [ceil(n/8)] or [0] when nothing is patched or a copy is kept,
+//          values [n_patched] in W's dtype, copy [out, in] or [0], checksum int64 scalar).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_enter(at::Tensor weight,
+                                                                      const at::Tensor& product,
+                                                                      double scaling) {
+  check_args(weight, product, "merge_enter");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "merge_enter",
+                                  [&] { out = enter_impl<scalar_t>(weight, product, scaling); });
+  return out;
+}
+
+at::Tensor merge_leave(at::Tensor weight, const at::Tensor& product, double scaling,
+                       const at::Tensor& mask, const at::Tensor& values) {
+  check_args(weight, product, "merge_leave");
+  TORCH_CHECK(mask.numel() == 0 || (mask.scalar_type() == at::kByte &&
+                                    mask.numel() == (weight.numel() + 7) / 8),
+              "merge_leave: mask must be uint8 [ceil(numel / 8)] = [",
+              (weight.numel() + 7) / 8, "] or empty, got ", mask.scalar_type(), " ",
+              mask.sizes());
+  TORCH_CHECK(values.scalar_type() == weight.scalar_type() && values.is_contiguous(),
+              "merge_leave: values must be contiguous ", weight.scalar_type());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "merge_leave",
+                                  [&] { out = leave_impl<scalar_t>(weight, product, scaling, mask, values); });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(lora_runtime, m) {
+  m.def("merge_enter(Tensor(a!) weight, Tensor product, float scaling) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("merge_leave(Tensor(a!) weight, Tensor product, float scaling, Tensor mask, "
+        "Tensor values) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lora_runtime, CPU, m) {
+  m.impl("merge_enter", &merge_enter);
+  m.impl("merge_leave", &merge_leave);
+}
+
+}  // namespace lora_runtime
