@@ -47,3 +47,15 @@ def test_pure_pytorch_fallback_with_one_warning():
     out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "fallback ok" in out.stdout
+
+
+def test_every_required_op_is_built_and_a_missing_one_is_named():
+    from lora_runtime.ops._extension import REQUIRED_OPS, _missing_ops
+
+    assert _missing_ops() == []
+    assert "merge_enter" in REQUIRED_OPS and "lora_group_bwd" in REQUIRED_OPS
+    assert _missing_ops(("lora_linear", "no_such_op_here")) == ["no_such_op_here"]
+    # a build without the C++ autograd formula would train nothing: named too
+    assert _missing_ops((), (("lora_linear_fwd", "Autograd"), ("lora_linear_infer", "Autograd"))) == [
+        "lora_linear_infer (Autograd)"
+    ]
