@@ -72,10 +72,15 @@ int64_t check_group(const at::Tensor& x, at::TensorList weights,
 
 }  // namespace
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> lora_group_fwd(
+// The forward of the group. `lora_first`: without a bias, the rank-r product writes y first
+// (beta 0) and the base GEMM accumulates into it, reading y inside its compute-bound kernel
+// instead of in a separate pass over [N, out] (what lora_linear_fwd does; it pays at training
+// sizes). The no-grad entry point (lora_infer.cpp, decode sizes) passes false: at a few tokens
+// an accumulating base GEMM costs more than a plain one.
+std::tuple<std::vector<at::Tensor>, at::Tensor> group_forward(
     const at::Tensor& x, at::TensorList weights,
     const c10::List<c10::optional<at::Tensor>>& biases, const at::Tensor& lora_a,
-    at::TensorList lora_bs, at::ArrayRef<double> scalings) {
+    at::TensorList lora_bs, at::ArrayRef<double> scalings, bool lora_first) {
   const int64_t in = check_group(x, weights, biases, lora_a, lora_bs, scalings);
   const at::Tensor x2 = x.reshape({-1, in});  // [N, in]
   const at::Tensor h = at::mm(x2, lora_a.t());  // [N, R]: every member's shrink, one GEMM
@@ -89,14 +94,26 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lora_group_fwd(
     at::Tensor y;  // [N, out_i]
     if (bias.has_value() && bias->defined()) {
       y = at::addmm(*bias, x2, weights[i].t());
+      y.addmm_(hi, lora_bs[i].t(), /*beta=*/1, /*alpha=*/scalings[i]);  // += s_i * h_i @ B_i.T
+    } else if (lora_first) {
+      y = at::empty({x2.size(0), weights[i].size(0)}, x2.options());
+      y.addmm_(hi, lora_bs[i].t(), /*beta=*/0, /*alpha=*/scalings[i]);  // y = s_i * h_i @ B_i.T
+      y.addmm_(x2, weights[i].t());                                    // y += x @ W_i.T
     } else {
       y = at::mm(x2, weights[i].t());
+      y.addmm_(hi, lora_bs[i].t(), /*beta=*/1, /*alpha=*/scalings[i]);  // += s_i * h_i @ B_i.T
     }
-    y.addmm_(hi, lora_bs[i].t(), /*beta=*/1, /*alpha=*/scalings[i]);  // += s_i * h_i @ B_i.T
     ys.push_back(y.view(with_last(x.sizes(), weights[i].size(0))));
     off += r;
   }
   return {ys, h.view(with_last(x.sizes(), lora_a.size(0)))};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> lora_group_fwd(
+    const at::Tensor& x, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& biases, const at::Tensor& lora_a,
+    at::TensorList lora_bs, at::ArrayRef<double> scalings) {
+  return group_forward(x, weights, biases, lora_a, lora_bs, scalings, /*lora_first=*/true);
 }
 
 // Returns (dx, dlora_a [R, in], dlora_bs); an entry not asked for is empty ([0] / []).

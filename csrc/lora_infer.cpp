@@ -9,10 +9,10 @@
 namespace lora_runtime {
 
 // Defined in lora_group.cpp.
-std::tuple<std::vector<at::Tensor>, at::Tensor> lora_group_fwd(
+std::tuple<std::vector<at::Tensor>, at::Tensor> group_forward(
     const at::Tensor& x, at::TensorList weights,
     const c10::List<c10::optional<at::Tensor>>& biases, const at::Tensor& lora_a,
-    at::TensorList lora_bs, at::ArrayRef<double> scalings);
+    at::TensorList lora_bs, at::ArrayRef<double> scalings, bool lora_first);
 
 }  // namespace lora_runtime
 
@@ -42,7 +42,8 @@ std::vector<at::Tensor> lora_group_infer(const at::Tensor& x, at::TensorList wei
                                          const c10::List<c10::optional<at::Tensor>>& biases,
                                          const at::Tensor& lora_a, at::TensorList lora_bs,
                                          at::ArrayRef<double> scalings) {
-  return std::get<0>(lora_group_fwd(x, weights, biases, lora_a, lora_bs, scalings));
+  return std::get<0>(group_forward(x, weights, biases, lora_a, lora_bs, scalings,
+                                   /*lora_first=*/false));
 }
 
 TORCH_LIBRARY_FRAGMENT(lora_runtime, m) {

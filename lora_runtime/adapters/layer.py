@@ -125,18 +125,28 @@ class LoRALinear(nn.Module):
                 y = self._group.run(self._slot, x)
                 if y is not None:
                     return y
-            if not torch.is_grad_enabled() and not (self.training and self.lora_dropout > 0.0):
+            if not torch.is_grad_enabled() and (self.lora_dropout == 0.0 or not self.training):
                 return self._infer_forward(x)
         return self._layer_forward(x)
 
     def _infer_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """No-grad path: one call of the C++ kernel, no autograd formula on the way."""
-        base = self.base_layer
-        weight = base.weight
-        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+        """No-grad path: one call of the C++ kernel, no autograd formula on the way.
+
+        The tensors are read from the modules' `_parameters` dicts (what `nn.Module.__getattr__`
+        returns, without its fallback chain: this runs once per layer per decode token), so a
+        parameter swapped in by FSDP2 is seen at once. A base layer whose `weight` is not a
+        plain parameter (e.g. `torch.nn.utils.parametrize`) takes the attribute path.
+        """
+        modules = self._modules
+        base_params = modules["base_layer"]._parameters
+        weight = base_params.get("weight")
+        if weight is None:
+            return self._layer_forward(x)
+        lora_a = modules["lora_A"]._parameters["weight"]  # [r, in]
+        lora_b = modules["lora_B"]._parameters["weight"]  # [out, r]
         if lora_a.dtype != weight.dtype:  # e.g. float32 adapters on a bfloat16 base
             lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
-        return lora_linear_infer(x, weight, base.bias, lora_a, lora_b, self.scaling)
+        return lora_linear_infer(x, weight, base_params.get("bias"), lora_a, lora_b, self.scaling)
 
     def _layer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The per-layer path: one call of the fused op."""

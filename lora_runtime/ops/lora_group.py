@@ -1,4 +1,5 @@
-"""Grouped LoRA linear for siblings that read one input: wrapper, fake kernels, autograd.
+"""Grouped LoRA linear for siblings that read one input: wrapper and fake kernels (the
+autograd formula is C++, `csrc/lora_autograd.cpp`).
 
 `lora_group(x, weights, biases, lora_a, lora_bs, scalings)` returns, for each member i,
 `x @ W_i.T + b_i + s_i * (x @ A_i.T) @ B_i.T`, where `lora_a` is the members' `A_i` stacked
@@ -86,38 +87,3 @@ if extension_loaded():
         dbs = [x.new_empty(b.shape) for b in lora_bs] if nb else []
         return dx, da, dbs
 
-    def _setup_context(ctx, inputs, output):
-        x, weights, _biases, lora_a, lora_bs, scalings = inputs
-        _, h = output
-        # needs_input_grad is flat over the inputs' leaves: x, weights..., biases (a list of
-        # k leaves when every member has a bias, else one leaf), lora_a, lora_bs..., scalings.
-        k = len(weights)
-        ctx.bias_list = all(b is not None for b in _biases)
-        a_at = 1 + k + (k if ctx.bias_list else 1)
-        need = ctx.needs_input_grad
-        ctx.scalings = scalings
-        ctx.need = (bool(need[0]), bool(need[a_at]), any(need[a_at + 1 : a_at + 1 + k]))
-        ctx.k = k
-        ctx.mark_non_differentiable(h)
-        ctx.save_for_backward(x, lora_a, h, *weights, *lora_bs)
-
-    def _backward(ctx, grad_ys, _grad_h):
-        x, lora_a, h, *rest = ctx.saved_tensors
-        weights, lora_bs = rest[: ctx.k], rest[ctx.k :]
-        need_x, need_a, need_b = ctx.need
-        dx, da, dbs = torch.ops.lora_runtime.lora_group_bwd(
-            list(grad_ys), x, weights, lora_a, lora_bs, h, ctx.scalings, need_x, need_a, need_b
-        )
-        none = [None] * ctx.k
-        return (
-            dx if need_x else None,
-            none,  # frozen base weights
-            none if ctx.bias_list else None,  # frozen base biases
-            da if need_a else None,
-            list(dbs) if need_b else none,
-            None,  # scalings
-        )
-
-    torch.library.register_autograd(
-        "lora_runtime::lora_group_fwd", _backward, setup_context=_setup_context
-    )

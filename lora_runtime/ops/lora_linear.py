@@ -1,9 +1,10 @@
-"""The one door to `torch.ops.lora_runtime`: Python wrapper, fake kernels and autograd.
+"""The one door to `torch.ops.lora_runtime.lora_linear`: Python wrapper and fake kernels.
 
 `lora_linear` is a CompositeImplicitAutograd op that calls `lora_linear_fwd`, which returns
-the output and `h = lora_input @ lora_a.T` (`[..., r]`). The autograd formula below saves
-`h` (and `x` only when a gradient needs it) and calls the C++ `lora_linear_bwd`, which never
-recomputes the base GEMM and computes only the gradients that are required.
+the output and `h = lora_input @ lora_a.T` (`[..., r]`). Its autograd formula is C++
+(`csrc/lora_autograd.cpp`): it saves `h` (and `x` only when a gradient needs it) and calls
+`lora_linear_bwd`, which never recomputes the base GEMM and computes only the gradients that
+are required. The fake kernels below let `torch.compile` / `torch.export` trace both.
 """
 
 from __future__ import annotations
@@ -83,40 +84,3 @@ if extension_loaded():
         ]
         return tuple(grad.new_empty(s if need else (0,)) for s, need in zip(shapes, mask))
 
-    def _setup_context(ctx, inputs, output):
-        x, weight, _bias, lora_a, lora_b, scaling, lora_input = inputs
-        _, h = output
-        _, need_w, _, need_a, need_b, _ = ctx.needs_input_grad[:6]
-        separate = lora_input is not None
-        keep_x = need_w or (need_a and not separate)
-        ctx.scaling = scaling
-        ctx.separate = separate
-        ctx.mark_non_differentiable(h)
-        ctx.save_for_backward(
-            x if keep_x else None,
-            weight,
-            lora_a,
-            lora_b,
-            h if need_b else None,
-            lora_input if (separate and need_a) else None,
-        )
-
-    def _backward(ctx, grad_y, _grad_h):
-        x, weight, lora_a, lora_b, h, lora_input = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], need[3], need[4], ctx.separate and need[6]]
-        if ctx.separate and need[3] and lora_input is None:
-            raise RuntimeError("lora_linear backward: lora_input was not saved")
-        if ctx.separate and lora_input is None:
-            # Only the shape matters for dlora_input / dx when A is frozen.
-            lora_input = torch.empty(0, dtype=grad_y.dtype, device=grad_y.device)
-        grads = torch.ops.lora_runtime.lora_linear_bwd(
-            grad_y, x, weight, lora_a, lora_b, h, ctx.scaling,
-            lora_input if ctx.separate else None, mask,
-        )
-        dx, dw, db, da, dlb, dli = (g if m else None for g, m in zip(grads, mask))
-        return dx, dw, db, da, dlb, None, dli
-
-    torch.library.register_autograd(
-        "lora_runtime::lora_linear_fwd", _backward, setup_context=_setup_context
-    )
