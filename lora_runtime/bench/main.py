@@ -203,6 +203,10 @@ def _model_section(name: str, plan: dict, args, log) -> dict:
 
         eager = [v for v in plan["train"] if v not in ("lora_compiled", "peft_compiled")]
         result["profile"] = profile_train_steps(bench, eager)
+        if not args.skip_decode and hasattr(bench.base, "generate"):
+            from lora_runtime.bench.profile import profile_decode  # deferred: start-up time
+
+            result["profile_decode"] = profile_decode(bench, batch=8)
         log(f"  model {name}: profiled ({time.perf_counter() - start:.0f} s)")
     result["notes"] = dict(bench.notes)
     return result
@@ -293,6 +297,8 @@ def report(result: dict) -> str:
             from lora_runtime.bench.profile import format_profile  # deferred: start-up time
 
             parts.append(format_profile(name, res["profile"]))
+            if res.get("profile_decode"):
+                parts.append(format_profile(name + " decode b8", res["profile_decode"]))
         res["targets"] = check_targets(res)
         parts.append(format_targets(name, res["targets"]))
     parts.append(f"total {result['seconds']:.0f} s")

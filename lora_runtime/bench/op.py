@@ -3,8 +3,9 @@
 For one group `(N tokens, in, out, dtype)` the variants, all timed side by side, are:
 
 - `base_fwd` / `base_train`: `F.linear(x, W)`; train = forward + input gradient (`W` frozen).
-- `lora_fwd[r]` / `lora_train[r]`: `lora_linear(x, W, None, A, B, s)`; train = forward +
-  gradients of `x`, `A`, `B`.
+- `lora_fwd[r]` / `lora_train[r]`: what `LoRALinear` runs: under no grad the inference op
+  `lora_linear_infer(x, W, None, A, B, s)` (no autograd formula on the way), in training
+  `lora_linear(...)`; train = forward + gradients of `x`, `A`, `B`.
 - `peft_fwd[r]` / `peft_train[r]`: PEFT's formula `F.linear(x, W) + B(A(x)) * s`, same
   gradients.
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from lora_runtime.bench.timing import Timing, Variant, measure_interleaved
 from lora_runtime.ops import lora_linear
+from lora_runtime.ops.infer import lora_linear_infer
 
 __all__ = [
     "OP_DTYPES",
@@ -119,7 +121,7 @@ def op_variants(group: OpGroup, device: torch.device | str = "cpu", seed: int = 
 def _rank_variants(r, x, x_train, weight, a, b, grad_y) -> list[Variant]:
     def lora_fwd() -> torch.Tensor:
         with torch.no_grad():
-            return lora_linear(x, weight, None, a, b, SCALING)
+            return lora_linear_infer(x, weight, None, a, b, SCALING)
 
     def lora_train() -> tuple[torch.Tensor, ...]:
         y = lora_linear(x_train, weight, None, a, b, SCALING)
