@@ -226,7 +226,6 @@ class TrainerConfig(_Strict):
     update_epochs: StrictInt = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0.0)
     temperature: float = Field(1.0, gt=0.0)
-    greedy_member: StrictBool = False  # multi-step tasks: the first episode of each group acts greedily
     seed: StrictInt = 0
     compile: StrictBool = False
     device: str = "cpu"

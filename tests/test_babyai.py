@@ -15,7 +15,7 @@ from tiny_episodic import tiny_episodic_raw
 from lora_runtime.config import ConfigError, validate_config
 from lora_runtime.rl.actor_setup import episode_logits, make_task
 from lora_runtime.rl.episode_step import collect_groups, episode_advantages
-from lora_runtime.rl.episodes import ExpertPolicy, ModelPolicy, run_episodes
+from lora_runtime.rl.episodes import ExpertPolicy, run_episodes
 from lora_runtime.rl.evaluation import evaluate
 from lora_runtime.rl.models.vla import build_tiny_vla
 from lora_runtime.rl.tasks.babyai import (
@@ -135,27 +135,6 @@ def test_seed_grouped_rollout_is_reproducible_from_its_seed(tiny):
         assert torch.equal(a.obs.pixels[starts[e]], a.obs.pixels[starts[e + 1]])
         assert torch.equal(a.obs.prompt_ids[starts[e]], a.obs.prompt_ids[starts[e + 1]])
     assert int(a.lengths.sum()) == len(a.actions) and a.lengths.max() <= 16
-
-
-def test_greedy_member_replays_the_greedy_policy_and_the_rest_sample(tiny):
-    """With greedy_member, each group's first episode is exactly the greedy episode of its seed
-    (what `eval` plays), its recorded actions are the argmax of the policy; the others sample."""
-    _cfg, model, task = tiny
-    model.eval()
-    eps = collect_groups(model, episode_logits, task, 3, 3, 1.0, torch.Generator().manual_seed(5), greedy_member=True)
-    with torch.no_grad():
-        greedy = run_episodes(task, eps.seeds[0::3], ModelPolicy(model, episode_logits, task, 1.0, None, greedy=True))
-        logits = episode_logits(model, eps.obs).index_select(-1, task.action_ids)  # [S, K]
-    for g in range(3):
-        first = greedy.episode == g
-        mine = eps.episode == 3 * g
-        assert torch.equal(eps.actions[mine], greedy.actions[first])
-        assert eps.returns[3 * g] == greedy.returns[g] and eps.lengths[3 * g] == greedy.lengths[g]
-    lead = (eps.episode % 3) == 0  # [S] steps of the greedy members
-    assert torch.equal(eps.actions[lead], logits[lead].argmax(-1))
-    assert not torch.equal(eps.actions[~lead], logits[~lead].argmax(-1))  # the others sample
-    plain = collect_groups(model, episode_logits, task, 3, 3, 1.0, torch.Generator().manual_seed(5))
-    assert plain.seeds == eps.seeds  # same seeds either way
 
 
 def test_episode_advantages_hand_computed():

@@ -38,20 +38,15 @@ MINIBATCH = 512  # recorded steps per forward/backward pass
 
 
 def collect_groups(model: nn.Module, logits_fn: EpisodeLogitsFn, task: EpisodicTask, num_seeds: int, group_size: int,
-                   temperature: float, generator: torch.Generator, device: torch.device | str = "cpu",
-                   greedy_member: bool = False) -> Episodes:
+                   temperature: float, generator: torch.Generator, device: torch.device | str = "cpu") -> Episodes:
     """`num_seeds` seeds from `generator`, each played `group_size` times (groups contiguous).
 
-    With `greedy_member`, the first episode of each group takes the most likely action at
-    every step (the policy `eval` measures) and the other `group_size - 1` sample.
     Reproducible: the same generator state gives the same seeds, actions and returns.
     """
     seeds = [s for s in draw_seeds(generator, num_seeds) for _ in range(group_size)]
-    greedy = [greedy_member and i % group_size == 0 for i in range(len(seeds))]
     model.eval()
     with torch.no_grad():
-        policy = ModelPolicy(model, logits_fn, task, temperature, generator, False, device)
-        return run_episodes(task, seeds, policy, greedy=greedy if greedy_member else None)
+        return run_episodes(task, seeds, ModelPolicy(model, logits_fn, task, temperature, generator, False, device))
 
 
 def episode_advantages(returns: torch.Tensor, episode: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -70,7 +65,7 @@ def episode_step(model: nn.Module, forward_model: nn.Module, logits_fn: EpisodeL
     """One GRPO step over whole episodes; returns its metrics (see `metrics.jsonl`)."""
     start = time.perf_counter()
     eps = collect_groups(forward_model, logits_fn, task, share_size(cfg.batch_size), cfg.group_size, cfg.temperature,
-                         generator, device, cfg.greedy_member)
+                         generator, device)
     train_start = time.perf_counter()
     adv = episode_advantages(eps.returns, eps.episode, cfg.group_size)  # [S]
     keep = adv.ne(0).nonzero()[:, 0]  # [S'] steps of groups whose returns differ (the others carry no signal)

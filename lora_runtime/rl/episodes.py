@@ -76,9 +76,6 @@ class ModelPolicy:
         generator: CPU generator of the Gumbel noise (unused when greedy).
         greedy: take the most likely action instead of sampling.
         device: where the model runs.
-
-    `run_episodes(..., greedy=mask)` sets `greedy_slots` (`[num_envs]` bool) per round: those
-    environments act greedily, the others sample.
     """
 
     needs_obs = True
@@ -88,7 +85,6 @@ class ModelPolicy:
         self.model, self.logits_fn, self.temperature = model, logits_fn, temperature
         self.generator, self.greedy, self.device = generator, greedy, device
         self.action_ids = task.action_ids.to(device)
-        self.greedy_slots: np.ndarray | None = None  # [num_envs] bool, set by run_episodes
 
     def start(self, index: int, env: Any) -> None:
         """Called after each reset of environment `index`."""
@@ -100,9 +96,6 @@ class ModelPolicy:
         else:
             u = torch.rand(logp.shape, generator=self.generator).clamp_(1e-9, 1.0 - 1e-9)
             choice = (logp - torch.log(-torch.log(u))).argmax(dim=-1)  # [n] Gumbel-max sample
-            if self.greedy_slots is not None:
-                mask = torch.from_numpy(self.greedy_slots[np.asarray(active)])  # [n] bool
-                choice = torch.where(mask, logp.argmax(dim=-1), choice)
         return choice, logp.gather(-1, choice[:, None])[:, 0]
 
 
@@ -148,8 +141,7 @@ def held_out_seeds(n: int) -> list[int]:
     return [HELD_OUT_SEED + i for i in range(n)]
 
 
-def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: bool = True,
-                 greedy: Sequence[bool] | None = None) -> Episodes:
+def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: bool = True) -> Episodes:
     """Plays one episode per seed, `task.num_envs` at a time.
 
     Args:
@@ -157,8 +149,6 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
         seeds: `E` reset seeds (the same seed twice gives the same layout and mission).
         policy: `ModelPolicy`, `UniformPolicy` or `ExpertPolicy` (see the module doc).
         record: keep every step's observation, action and log-prob (training, demonstrations).
-        greedy: `E` flags, one per seed: that episode takes the most likely action at every step
-            (a `ModelPolicy` only; the others sample).
 
     Returns:
         The `E` episodes, in the order of `seeds`.
@@ -172,9 +162,6 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
     for first in range(0, len(seeds), width):
         chunk = list(seeds[first:first + width])
         padded = chunk + [chunk[-1]] * (width - len(chunk))  # spare environments run no episode
-        if greedy is not None:
-            flags = list(greedy[first:first + width])
-            policy.greedy_slots = np.asarray(flags + [False] * (width - len(flags)))  # [width]
         with quiet():
             batched, _ = env.reset(seed=padded)
         for i in range(len(chunk)):
