@@ -39,6 +39,7 @@ def test_adapter_image_equals_minigrids_rgb_partial_view(level):
     plain = make_babyai_env(level)
     rng = np.random.default_rng(0)
     checked = 0
+    seen, refs = [], []
     with quiet():
         for seed in range(3):
             ref, _ = theirs.reset(seed=seed)
@@ -46,6 +47,8 @@ def test_adapter_image_equals_minigrids_rgb_partial_view(level):
             for _ in range(15):
                 assert obs["mission"] == ref["mission"]
                 assert np.array_equal(ours.image(obs), ref["image"]), (level, seed, checked)
+                seen.append(obs)
+                refs.append(ref["image"])
                 action = int(rng.integers(7))
                 ref, r1, t1, u1, _ = theirs.step(action)
                 obs, r2, t2, u2, _ = plain.step(action)
@@ -54,6 +57,7 @@ def test_adapter_image_equals_minigrids_rgb_partial_view(level):
                 if t1 or u1:
                     break
     assert checked >= 10
+    assert np.array_equal(ours.images(seen), np.stack(refs))  # the batched renderer, all at once
 
 
 def test_symbol_words_read_the_symbolic_view():

@@ -11,11 +11,14 @@ import torch
 from safetensors.torch import load_file
 from tiny_episodic import tiny_episodic_raw
 
+from lora_runtime.adapters import adapter_disabled
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
 from lora_runtime.cli import main
 from lora_runtime.config import validate_config
-from lora_runtime.rl.actor_setup import builtin_base_dir
+from lora_runtime.rl.actor_setup import build_actor, builtin_base_dir, episode_logits, make_task
 from lora_runtime.rl.outputs import read_metrics
+from lora_runtime.rl.tasks.episodic import HELD_OUT_SEED
+from lora_runtime.rl.tasks.episodic import quiet as task_quiet
 from lora_runtime.rl.trainer import train
 
 EPISODE_KEYS = {"success_rate", "reward_mean", "episode_len", "rollout_s", "train_s", "env_steps_per_s", "loss",
@@ -84,6 +87,26 @@ def test_new_then_resume_equals_one_longer_run(runs, tmp_path):
     la = read_metrics(os.path.join(resume.output_dir, "metrics.jsonl"))
     lb = read_metrics(os.path.join(longer.output_dir, "metrics.jsonl"))[2:]
     assert [r["reward_mean"] for r in la] == pytest.approx([r["reward_mean"] for r in lb], abs=1e-6)
+
+
+def test_resume_starts_from_the_new_runs_final_policy(runs):
+    """A resume actor, before its first update, acts exactly as the new run's final actor (its
+    saved adapter is loaded, not a fresh one), and that policy differs from the base's."""
+    root, new, *_ = runs
+    cfg = validate_config(tiny_episodic_raw(root / "unused", root / "base", lora_path=root / "lora_new" / "adapter"))
+    resumed = build_actor(cfg, log=quiet).eval()
+    task = make_task(cfg, resumed)
+    with task_quiet():
+        observations, _ = task.env.reset(seed=[HELD_OUT_SEED + i for i in range(task.num_envs)])
+    obs = task.encode(task.split(observations))
+    with torch.no_grad():
+        got = episode_logits(resumed, obs)  # [N, V]
+        want = episode_logits(new.model.eval(), obs)
+        with adapter_disabled(resumed):
+            base = episode_logits(resumed, obs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - base).abs().max() > 1e-4  # the trained adapter changes the policy
+    assert not os.path.exists(root / "unused")
 
 
 def test_eval_command_adapter_merged_and_base(runs, tmp_path, capsys):

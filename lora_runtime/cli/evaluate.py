@@ -11,6 +11,7 @@ evaluates the plain merged model. A full-mode run's `model/` is evaluated with
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -58,11 +59,17 @@ def evaluate_config(run_cfg: RunConfig, episodes: int | None, adapter: str | Non
     return {**result, "model": what}
 
 
+def std_error(rate: float, n: int) -> float:
+    """Standard error of a success rate over `n` independent episodes: sqrt(p (1 - p) / n)."""
+    return math.sqrt(rate * (1.0 - rate) / n)
+
+
 def print_eval(rows: Sequence[dict[str, Any]], title: str) -> None:
-    """One table row per evaluated model."""
-    print_table(title, ["model", "episodes (held-out seeds)", "success rate", "mean return", "mean length"], [
+    """One table row per evaluated model (success rate with its standard error)."""
+    print_table(title, ["model", "episodes (held-out seeds)", "success rate ± std error", "mean return", "mean length"], [
         (r["model"], f"{r['episodes']} ({r['first_seed']}..{r['first_seed'] + r['episodes'] - 1})",
-         f"{r['success_rate']:.3f}", f"{r['reward_mean']:.3f}", f"{r['episode_len']:.1f}") for r in rows
+         f"{r['success_rate']:.3f} ± {std_error(r['success_rate'], r['episodes']):.3f}", f"{r['reward_mean']:.3f}",
+         f"{r['episode_len']:.1f}") for r in rows
     ])
 
 
@@ -98,4 +105,6 @@ def evaluate_demo(runs: Sequence[Any]) -> None:
     warm, new = rows[0]["success_rate"], rows[1]["success_rate"]
     target = 0.95 if warm > 0.80 else warm + 0.15
     verdict = "met" if new >= target - 1e-9 else "NOT met"
-    print(f"target for lora_new: success >= {target:.3f} (warm start {warm:.3f}); got {new:.3f}: {verdict}")
+    gain_se = math.hypot(std_error(warm, rows[0]["episodes"]), std_error(new, rows[1]["episodes"]))
+    print(f"target for lora_new: success >= {target:.3f} (warm start {warm:.3f}); got {new:.3f} "
+          f"(gain {new - warm:+.3f} ± {gain_se:.3f}): {verdict}")

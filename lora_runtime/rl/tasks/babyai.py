@@ -50,6 +50,7 @@ VOCABULARY: tuple[str, ...] = tuple(dict.fromkeys(BABYAI_WORDS + MINIGRID_WORDS)
 
 VIEW = 7  # MiniGrid's default agent_view_size
 NUM_ACTIONS = 7
+STATES = 3  # MiniGrid cell states (door: open, closed, locked)
 ACTION_NAMES = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 
 _TOKEN = re.compile(r"[a-z]+|,")
@@ -102,31 +103,49 @@ class PovRenderer:
     """
 
     def __init__(self, tile_size: int) -> None:
+        from minigrid.core.constants import (  # deferred: optional dependency
+            COLOR_TO_IDX,
+            OBJECT_TO_IDX,
+        )
+
         self.tile_size = tile_size
-        self._tiles: dict[tuple[int, int, int, bool], np.ndarray] = {}
+        self._shape = (len(OBJECT_TO_IDX), len(COLOR_TO_IDX), STATES, 2)  # (type, colour, state, agent here)
+        n = int(np.prod(self._shape))
+        self._lut = np.zeros((n, tile_size, tile_size, 3), dtype=np.uint8)  # [keys, t, t, 3], filled lazily
+        self._drawn = np.zeros(n, dtype=bool)
+        agent = np.zeros((VIEW, VIEW), dtype=np.int64)  # [x, y]
+        agent[VIEW // 2, VIEW - 1] = 1  # the agent sits at the bottom centre of its view
+        self._agent = agent
 
-    def _tile(self, key: tuple[int, int, int, bool]) -> np.ndarray:
-        tile = self._tiles.get(key)
-        if tile is None:
-            from minigrid.core.grid import Grid  # deferred: optional dependency
-            from minigrid.core.world_object import WorldObj  # deferred: optional dependency
+    def _draw(self, key: int) -> None:
+        from minigrid.core.grid import Grid  # deferred: optional dependency
+        from minigrid.core.world_object import WorldObj  # deferred: optional dependency
 
-            type_idx, color_idx, state, agent = key
-            obj = None if type_idx in (0, 1) else WorldObj.decode(type_idx, color_idx, state)
-            tile = Grid.render_tile(obj, agent_dir=3 if agent else None, highlight=type_idx != 0, tile_size=self.tile_size)
-            self._tiles[key] = tile
-        return tile
+        type_idx, color_idx, state, agent = (int(v) for v in np.unravel_index(key, self._shape))
+        obj = None if type_idx in (0, 1) else WorldObj.decode(type_idx, color_idx, state)
+        self._lut[key] = Grid.render_tile(obj, agent_dir=3 if agent else None, highlight=type_idx != 0,
+                                          tile_size=self.tile_size)
+        self._drawn[key] = True
+
+    def batch(self, images: np.ndarray) -> np.ndarray:
+        """`[N, 7, 7, 3]` symbolic views (indexed `[n, x, y]`) -> `[N, 7*t, 7*t, 3]` uint8 RGB.
+
+        One table lookup per cell (tiles drawn once by `Grid.render_tile`), no Python loop
+        over cells.
+        """
+        t, (_, colours, states, _) = self.tile_size, self._shape
+        cells = images.astype(np.int64)  # [N, 7, 7, 3]
+        if cells[..., 2].max(initial=0) >= states:
+            raise ValueError(f"a cell state of {int(cells[..., 2].max())}; MiniGrid states are below {states}")
+        keys = ((cells[..., 0] * colours + cells[..., 1]) * states + cells[..., 2]) * 2 + self._agent  # [N, 7, 7]
+        for key in np.unique(keys[~self._drawn[keys]]):
+            self._draw(int(key))
+        tiles = self._lut[keys]  # [N, x, y, t, t, 3]
+        return tiles.transpose(0, 2, 3, 1, 4, 5).reshape(len(images), VIEW * t, VIEW * t, 3)  # [N, y*t, x*t, 3]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """`[7, 7, 3]` symbolic view (indexed `[x, y]`) -> `[7*t, 7*t, 3]` uint8 RGB."""
-        t = self.tile_size
-        out = np.empty((VIEW * t, VIEW * t, 3), dtype=np.uint8)
-        agent = (VIEW // 2, VIEW - 1)
-        for x in range(VIEW):
-            for y in range(VIEW):
-                a, b, c = image[x, y]
-                out[y * t:(y + 1) * t, x * t:(x + 1) * t] = self._tile((int(a), int(b), int(c), (x, y) == agent))
-        return out
+        return self.batch(image[None])[0]
 
 
 def babyai_ids() -> list[str]:
@@ -172,6 +191,10 @@ class BabyAIAdapter:
     def image(self, obs: dict[str, Any]) -> np.ndarray:
         """`[7*t, 7*t, 3]` uint8 RGB partial view."""
         return self.render(obs["image"])
+
+    def images(self, observations: list[dict[str, Any]]) -> np.ndarray:
+        """`[N, 7*t, 7*t, 3]` uint8 RGB partial views of `N` observations, in one pass."""
+        return self.render.batch(np.stack([o["image"] for o in observations]))
 
     def words(self, obs: dict[str, Any]) -> list[str]:
         """The mission's words."""

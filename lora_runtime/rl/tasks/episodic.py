@@ -7,6 +7,8 @@ It is any object with:
 - `symbol_vocabulary: Sequence[str]` (optional): every word `symbols` may return;
 - `image(obs) -> np.ndarray` `[H, W, 3]` uint8 RGB (the built-in actor's input; `H == W ==
   actor.builtin.image_size`);
+- `images(observations) -> np.ndarray` (optional): `[N, H, W, 3]`, the same as `image` on
+  each, in one call (faster, used when present);
 - `words(obs) -> list[str]`: the instruction, in `vocabulary` words;
 - `symbols(obs) -> list[str]` (optional): the observation as words, for text-only language
   models (`actor.model.model_path`), always the same number of words;
@@ -148,7 +150,10 @@ class EpisodicTask:
         lengths = torch.tensor([len(p) for p in prompts])  # [N]
         pixels = symbols = None
         if self.image_size is not None:
-            images = np.stack([self.adapter.image(o) for o in observations])  # [N, H, W, 3]
+            if hasattr(self.adapter, "images"):  # a batched renderer, when the adapter has one
+                images = np.asarray(self.adapter.images(observations))  # [N, H, W, 3]
+            else:
+                images = np.stack([self.adapter.image(o) for o in observations])  # [N, H, W, 3]
             if images.shape[1:] != (self.image_size, self.image_size, 3) or images.dtype != np.uint8:
                 raise ConfigError(
                     f"task {self.name!r}: the adapter's image is {images.dtype} {tuple(images.shape[1:])}, the built-in "
