@@ -287,6 +287,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_previous_or_new_complete_adapter(tmp_path):
     script = tmp_path / "saver.py"
     script.write_text(KILL_SCRIPT)

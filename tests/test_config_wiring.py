@@ -184,6 +184,7 @@ def adapter_tensors(out) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "adapter", ADAPTER_WEIGHTS_NAME))
 
 
+@pytest.mark.slow
 def test_weight_decay_shrinks_the_adapters_by_lr_times_decay(tmp_path, base_dir):
     # step 1: B = 0, so A's gradient and Adam's update of A are exactly zero; only the
     # decoupled decay moves A: A1 = A0 * (1 - lr * weight_decay)
@@ -197,6 +198,7 @@ def test_weight_decay_shrinks_the_adapters_by_lr_times_decay(tmp_path, base_dir)
         assert torch.allclose(runs[0.5][k], runs[0.0][k] * (1 - 0.1 * 0.5), rtol=1e-6, atol=0), k
 
 
+@pytest.mark.slow
 def test_max_grad_norm_clips_the_update(tmp_path, base_dir):
     # Adam's first step moves each parameter by lr * g / (|g| + 1e-8): about lr for an
     # unclipped gradient, at most lr / 11 once the whole gradient is clipped to norm 1e-9
@@ -209,6 +211,7 @@ def test_max_grad_norm_clips_the_update(tmp_path, base_dir):
     assert 0 < moved[1e-9] <= 0.1 / 11 * 1.001
 
 
+@pytest.mark.slow
 def test_update_epochs_and_clip_eps_reach_the_loss(tmp_path, base_dir, monkeypatch):
     seen = []
     real = grpo.grpo_loss
@@ -231,6 +234,7 @@ def test_update_epochs_and_clip_eps_reach_the_loss(tmp_path, base_dir, monkeypat
     assert clip[3, 50.0] == 0.0  # nothing is outside [-49, 51]
 
 
+@pytest.mark.slow
 def test_temperature_reaches_sampling_and_scoring(tmp_path, base_dir, monkeypatch):
     temps = []
     real = grpo.action_log_probs
@@ -246,6 +250,7 @@ def test_temperature_reaches_sampling_and_scoring(tmp_path, base_dir, monkeypatc
     assert len(temps) == 4 and set(temps) == {0.7}
 
 
+@pytest.mark.slow
 def test_save_every_writes_intermediate_checkpoints(tmp_path, base_dir):
     seen = {}
     for every in (0, 2):
