@@ -150,6 +150,10 @@ def corrupt(directory, how):
     key_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     if how == "missing_key":
         del tensors[key_a]
+    elif how == "missing_module":
+        del tensors[key_a], tensors[key_a.replace("lora_A", "lora_B")]
+    elif how == "int_dtype":
+        tensors[key_a] = torch.ones(4, 64, dtype=torch.int64)
     elif how == "unexpected_key":
         tensors["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = torch.zeros(4, 64)
     elif how == "wrong_shape":
@@ -184,6 +188,8 @@ def corrupt(directory, how):
     "how,match",
     [
         ("missing_key", r"model.layers.0.self_attn.q_proj.lora_A.weight is missing"),
+        ("missing_module", r"missing adapter weights for 1 module\(s\): \['model.layers.0.self_attn.q_proj'\]"),
+        ("int_dtype", r"q_proj.lora_A.weight has dtype torch.int64, expected floating point"),
         ("unexpected_key", r"weights for 1 module\(s\) the model does not adapt: \['model.layers.0.self_attn.nope'\]"),
         ("wrong_shape", r"q_proj.lora_A.weight has shape \[4, 63\], expected \[4, 64\]"),
         ("non_finite", r"q_proj.lora_A.weight has non-finite values"),
