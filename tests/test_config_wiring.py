@@ -285,3 +285,27 @@ def test_prepare_actor_refuses_a_patched_model_and_leaves_it_alone(tmp_path):
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert all(layer.r == 4 for _, layer in iter_lora_layers(model))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_adapter_dtype_casts_the_adapters_only_new_and_resume(tmp_path, dtype):
+    """`actor.model.adapter_dtype`: every lora_A / lora_B in that dtype, the base untouched
+    (float32), trainable; a resumed adapter holds the saved values rounded to that dtype."""
+    want = getattr(torch, dtype)
+    saved_from = actor_from_yaml(tmp_path / "src", lora_rank=4)
+    randomize_lora(saved_from, std=0.2)  # non-zero B
+    save_adapter(saved_from, tmp_path / "adapter")
+    new = actor_from_yaml(tmp_path / "new", lora_rank=4, adapter_dtype=dtype)
+    resumed = actor_from_yaml(tmp_path / "resume", lora_rank=4, adapter_dtype=dtype, lora_path=str(tmp_path / "adapter"))
+    for model in (new, resumed):
+        layers = dict(iter_lora_layers(model))
+        assert layers
+        for name, layer in layers.items():
+            assert layer.lora_A.weight.dtype == want and layer.lora_B.weight.dtype == want, name
+            assert layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad, name
+            assert layer.base_layer.weight.dtype == torch.float32 and not layer.base_layer.weight.requires_grad, name
+    source = dict(iter_lora_layers(saved_from))
+    for name, layer in iter_lora_layers(resumed):
+        for kind in ("lora_A", "lora_B"):
+            expected = getattr(source[name], kind).weight.detach().to(want)
+            assert torch.equal(getattr(layer, kind).weight.detach(), expected), (name, kind)
