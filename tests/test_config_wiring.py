@@ -309,3 +309,22 @@ def test_adapter_dtype_casts_the_adapters_only_new_and_resume(tmp_path, dtype):
         for kind in ("lora_A", "lora_B"):
             expected = getattr(source[name], kind).weight.detach().to(want)
             assert torch.equal(getattr(layer, kind).weight.detach(), expected), (name, kind)
+
+
+def test_prepare_actor_seed_is_a_generator_shorthand_and_not_both(tmp_path):
+    from lora_runtime.actor import prepare_actor
+    from lora_runtime.config import ActorModelConfig
+
+    cfg = ActorModelConfig(is_lora=True, lora_rank=4, init_lora_weights="gaussian")
+    by_seed = prepare_actor(make_tiny_llama(layers=1), cfg, seed=3)
+    by_generator = prepare_actor(make_tiny_llama(layers=1), cfg, generator=torch.Generator().manual_seed(3))
+    a, b = by_seed.state_dict(), by_generator.state_dict()
+    assert any("lora_A" in k for k in a)  # patched; A is drawn from the generator
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = prepare_actor(make_tiny_llama(layers=1), cfg, seed=4).state_dict()
+    assert not all(torch.equal(a[k], other[k]) for k in a if "lora_A" in k)  # the seed is used
+    base = make_tiny_llama(layers=1)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^prepare_actor: pass generator or seed, not both$"):
+        prepare_actor(base, cfg, seed=3, generator=torch.Generator())
+    assert not list(iter_lora_layers(base)) and all(torch.equal(base.state_dict()[k], before[k]) for k in before)
