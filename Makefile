@@ -46,7 +46,7 @@ test: install
 mutate: install
 	$(PY) -m pip install --quiet mutmut
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children 2 $(MUTMUT_ARGS); $(BIN)/mutmut results
+	$(BIN)/mutmut run --max-children 1 $(MUTMUT_ARGS); $(BIN)/mutmut results
 
 demo: install
 	$(BIN)/lora-runtime demo

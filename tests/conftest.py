@@ -116,6 +116,22 @@ def _isolate_each_test(request):
     torch.set_default_dtype(dtype)
 
 
+@pytest.fixture(scope="session")
+def builtin_base(tmp_path_factory):
+    """A folder holding the built-in base of `tiny_runs.tiny_raw` (200 warm-start steps),
+    built once per session and shared by the CLI, trainer and reproducibility tests. Runs
+    only read it (a config with another recipe adds its own `tiny-vla-<digest>/` beside)."""
+    from tiny_runs import tiny_raw
+
+    from lora_runtime.config import validate_config
+    from lora_runtime.rl.actor_setup import ensure_builtin_base
+
+    d = tmp_path_factory.mktemp("base")
+    with isolated():
+        ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=lambda m: None)
+    return d
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one thread is as fast and does not fight other processes for cores."""

@@ -150,6 +150,10 @@ def corrupt(directory, how):
     key_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     if how == "missing_key":
         del tensors[key_a]
+    elif how == "missing_module":
+        del tensors[key_a], tensors[key_a.replace("lora_A", "lora_B")]
+    elif how == "int_dtype":
+        tensors[key_a] = torch.ones(4, 64, dtype=torch.int64)
     elif how == "unexpected_key":
         tensors["base_model.model.model.layers.0.self_attn.nope.lora_A.weight"] = torch.zeros(4, 64)
     elif how == "wrong_shape":
@@ -184,6 +188,8 @@ def corrupt(directory, how):
     "how,match",
     [
         ("missing_key", r"model.layers.0.self_attn.q_proj.lora_A.weight is missing"),
+        ("missing_module", r"missing adapter weights for 1 module\(s\): \['model.layers.0.self_attn.q_proj'\]"),
+        ("int_dtype", r"q_proj.lora_A.weight has dtype torch.int64, expected floating point"),
         ("unexpected_key", r"weights for 1 module\(s\) the model does not adapt: \['model.layers.0.self_attn.nope'\]"),
         ("wrong_shape", r"q_proj.lora_A.weight has shape \[4, 63\], expected \[4, 64\]"),
         ("non_finite", r"q_proj.lora_A.weight has non-finite values"),
@@ -266,42 +272,63 @@ def test_failed_save_keeps_previous_adapter(tmp_path, monkeypatch):
 
 KILL_SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import os, signal, sys, torch
     from torch import nn
     from lora_runtime.adapters.inject import apply_lora, iter_lora_layers
     from lora_runtime.adapters.checkpoint import save_adapter
+    torch.set_num_threads(1)  # forks below: no thread pool in this process
     torch.manual_seed(0)
     model = nn.Module()
     for i in range(8):
         model.add_module(f"fc{i}", nn.Linear(512, 512))
     apply_lora(model, 64, target_modules=[f"fc{i}" for i in range(8)])
-    print("ready", flush=True)
-    value = 1.0
-    while True:
-        value += 1.0
-        for _, layer in iter_lora_layers(model):
-            layer.lora_A.weight.data.fill_(value)
-            layer.lora_B.weight.data.fill_(value)
-        save_adapter(model, sys.argv[1])
+    for command in sys.stdin:  # one imported process, a fresh saver child per "fork"
+        if command.startswith("wait"):
+            _, status = os.waitpid(int(command.split()[1]), 0)
+            print("killed by", os.WTERMSIG(status) if os.WIFSIGNALED(status) else None, flush=True)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            value = 1.0
+            while True:
+                value += 1.0
+                for _, layer in iter_lora_layers(model):
+                    layer.lora_A.weight.data.fill_(value)
+                    layer.lora_B.weight.data.fill_(value)
+                save_adapter(model, sys.argv[1])
+        print("ready", pid, flush=True)
     """
 )
 
 
+@pytest.mark.slow
 def test_killed_save_leaves_previous_or_new_complete_adapter(tmp_path):
+    """kill -9 of a process saving in a loop, at 5 moments: the folder holds one save's
+    complete tensors or nothing. The savers are forks of one process (one interpreter start)."""
     script = tmp_path / "saver.py"
     script.write_text(KILL_SCRIPT)
     target = tmp_path / "adapter"
-    for delay in (0.35, 0.5, 0.65, 0.8, 0.95):
-        proc = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if not target.exists():
-            continue  # killed before the first save finished: nothing half-written either
-        weights, cfg = read_adapter(target)  # complete and readable
-        assert cfg["r"] == 64 and len(weights) == 16
-        values = {t.flatten()[0].item() for t in weights.values()}
-        assert len(values) == 1  # one save's tensors, never a mix of two saves
-        assert all(torch.all(t == t.flatten()[0]) for t in weights.values())
+    server = subprocess.Popen([sys.executable, str(script), str(target)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for delay in (0.35, 0.5, 0.65, 0.8, 0.95):
+            server.stdin.write("fork\n")
+            server.stdin.flush()
+            word, pid = server.stdout.readline().split()
+            assert word == "ready"
+            time.sleep(delay)
+            os.kill(int(pid), signal.SIGKILL)
+            server.stdin.write(f"wait {pid}\n")
+            server.stdin.flush()
+            assert server.stdout.readline().split() == ["killed", "by", str(int(signal.SIGKILL))]
+            if not target.exists():
+                continue  # killed before the first save finished: nothing half-written either
+            weights, cfg = read_adapter(target)  # complete and readable
+            assert cfg["r"] == 64 and len(weights) == 16
+            values = {t.flatten()[0].item() for t in weights.values()}
+            assert len(values) == 1  # one save's tensors, never a mix of two saves
+            assert all(torch.all(t == t.flatten()[0]) for t in weights.values())
+    finally:
+        server.stdin.close()
+        assert server.wait(timeout=60) == 0
     assert target.exists(), "no save completed in any run; the test did not exercise anything"

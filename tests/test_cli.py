@@ -19,7 +19,6 @@ from tiny_runs import tiny_raw, write_yaml
 
 from lora_runtime.cli import main
 from lora_runtime.config import validate_config
-from lora_runtime.rl.actor_setup import ensure_builtin_base
 from lora_runtime.rl.hf_loading import load_model_folder
 from lora_runtime.rl.outputs import read_metrics
 
@@ -27,11 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    with isolated():
-        ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=lambda m: None)
-    return d
+def base_dir(builtin_base):
+    return builtin_base  # the session's built-in base (conftest), read only
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +150,15 @@ def test_merge_writes_a_model_folder_equal_to_base_plus_adapter(tmp_path, traine
     assert not (tmp_path / "m2").exists()
 
 
-def test_demo_runs_new_resume_full_and_compares(tmp_path, base_dir, capsys):
+def steps_of(out_dir) -> list[dict]:
+    """metrics.jsonl without the measured fields (times, memory)."""
+    measured = {"step_time_s", "samples_per_s", "peak_memory_mb", "training_memory_mb"}
+    return [{k: v for k, v in r.items() if k not in measured} for r in read_metrics(out_dir / "metrics.jsonl")]
+
+
+def test_demo_runs_new_resume_full_and_compares(tmp_path, base_dir, capsys, monkeypatch):
+    from lora_runtime.cli import demo
+
     configs = tmp_path / "configs"
     configs.mkdir()
     write_yaml(configs / "lora_new.yaml", tiny_raw("runs/lora_new", base_dir, steps=3))
@@ -162,8 +166,17 @@ def test_demo_runs_new_resume_full_and_compares(tmp_path, base_dir, capsys):
                                                       lora_path="runs/lora_new/adapter", steps=2))
     write_yaml(configs / "full.yaml", tiny_raw("runs/full", base_dir, mode="full", steps=2))
     root = tmp_path / "out"
-    for _ in range(2):  # a second demo replaces the first one's results
-        assert main(["demo", "--configs", str(configs), "--output-root", str(root)]) == 0
+    assert main(["demo", "--configs", str(configs), "--output-root", str(root)]) == 0  # a process per run
+    first = {name: steps_of(root / name) for name in demo.RUNS}
+
+    def train_here(run) -> int:  # the same command line, in this process (saves 3 interpreter starts)
+        with isolated():
+            return main(["train", run.config, *[a for s in run.overrides for a in ("--set", s)]])
+
+    monkeypatch.setattr(demo, "_train", train_here)
+    (root / "full" / "metrics.jsonl").write_text("stale\n")
+    assert main(["demo", "--configs", str(configs), "--output-root", str(root)]) == 0  # replaces the results
+    assert {name: steps_of(root / name) for name in demo.RUNS} == first
     text = capsys.readouterr().out
     assert "demo: new -> resume -> full" in text and "final reward" in text
     assert "resume started at" in text

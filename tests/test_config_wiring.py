@@ -184,6 +184,7 @@ def adapter_tensors(out) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "adapter", ADAPTER_WEIGHTS_NAME))
 
 
+@pytest.mark.slow
 def test_weight_decay_shrinks_the_adapters_by_lr_times_decay(tmp_path, base_dir):
     # step 1: B = 0, so A's gradient and Adam's update of A are exactly zero; only the
     # decoupled decay moves A: A1 = A0 * (1 - lr * weight_decay)
@@ -197,6 +198,7 @@ def test_weight_decay_shrinks_the_adapters_by_lr_times_decay(tmp_path, base_dir)
         assert torch.allclose(runs[0.5][k], runs[0.0][k] * (1 - 0.1 * 0.5), rtol=1e-6, atol=0), k
 
 
+@pytest.mark.slow
 def test_max_grad_norm_clips_the_update(tmp_path, base_dir):
     # Adam's first step moves each parameter by lr * g / (|g| + 1e-8): about lr for an
     # unclipped gradient, at most lr / 11 once the whole gradient is clipped to norm 1e-9
@@ -209,6 +211,7 @@ def test_max_grad_norm_clips_the_update(tmp_path, base_dir):
     assert 0 < moved[1e-9] <= 0.1 / 11 * 1.001
 
 
+@pytest.mark.slow
 def test_update_epochs_and_clip_eps_reach_the_loss(tmp_path, base_dir, monkeypatch):
     seen = []
     real = grpo.grpo_loss
@@ -231,6 +234,7 @@ def test_update_epochs_and_clip_eps_reach_the_loss(tmp_path, base_dir, monkeypat
     assert clip[3, 50.0] == 0.0  # nothing is outside [-49, 51]
 
 
+@pytest.mark.slow
 def test_temperature_reaches_sampling_and_scoring(tmp_path, base_dir, monkeypatch):
     temps = []
     real = grpo.action_log_probs
@@ -246,6 +250,7 @@ def test_temperature_reaches_sampling_and_scoring(tmp_path, base_dir, monkeypatc
     assert len(temps) == 4 and set(temps) == {0.7}
 
 
+@pytest.mark.slow
 def test_save_every_writes_intermediate_checkpoints(tmp_path, base_dir):
     seen = {}
     for every in (0, 2):
@@ -280,3 +285,46 @@ def test_prepare_actor_refuses_a_patched_model_and_leaves_it_alone(tmp_path):
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert all(layer.r == 4 for _, layer in iter_lora_layers(model))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_adapter_dtype_casts_the_adapters_only_new_and_resume(tmp_path, dtype):
+    """`actor.model.adapter_dtype`: every lora_A / lora_B in that dtype, the base untouched
+    (float32), trainable; a resumed adapter holds the saved values rounded to that dtype."""
+    want = getattr(torch, dtype)
+    saved_from = actor_from_yaml(tmp_path / "src", lora_rank=4)
+    randomize_lora(saved_from, std=0.2)  # non-zero B
+    save_adapter(saved_from, tmp_path / "adapter")
+    new = actor_from_yaml(tmp_path / "new", lora_rank=4, adapter_dtype=dtype)
+    resumed = actor_from_yaml(tmp_path / "resume", lora_rank=4, adapter_dtype=dtype, lora_path=str(tmp_path / "adapter"))
+    for model in (new, resumed):
+        layers = dict(iter_lora_layers(model))
+        assert layers
+        for name, layer in layers.items():
+            assert layer.lora_A.weight.dtype == want and layer.lora_B.weight.dtype == want, name
+            assert layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad, name
+            assert layer.base_layer.weight.dtype == torch.float32 and not layer.base_layer.weight.requires_grad, name
+    source = dict(iter_lora_layers(saved_from))
+    for name, layer in iter_lora_layers(resumed):
+        for kind in ("lora_A", "lora_B"):
+            expected = getattr(source[name], kind).weight.detach().to(want)
+            assert torch.equal(getattr(layer, kind).weight.detach(), expected), (name, kind)
+
+
+def test_prepare_actor_seed_is_a_generator_shorthand_and_not_both(tmp_path):
+    from lora_runtime.actor import prepare_actor
+    from lora_runtime.config import ActorModelConfig
+
+    cfg = ActorModelConfig(is_lora=True, lora_rank=4, init_lora_weights="gaussian")
+    by_seed = prepare_actor(make_tiny_llama(layers=1), cfg, seed=3)
+    by_generator = prepare_actor(make_tiny_llama(layers=1), cfg, generator=torch.Generator().manual_seed(3))
+    a, b = by_seed.state_dict(), by_generator.state_dict()
+    assert any("lora_A" in k for k in a)  # patched; A is drawn from the generator
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = prepare_actor(make_tiny_llama(layers=1), cfg, seed=4).state_dict()
+    assert not all(torch.equal(a[k], other[k]) for k in a if "lora_A" in k)  # the seed is used
+    base = make_tiny_llama(layers=1)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^prepare_actor: pass generator or seed, not both$"):
+        prepare_actor(base, cfg, seed=3, generator=torch.Generator())
+    assert not list(iter_lora_layers(base)) and all(torch.equal(base.state_dict()[k], before[k]) for k in before)

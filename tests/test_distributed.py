@@ -287,52 +287,67 @@ def stopped_step(out: str, sig: str) -> int:
     return int(line.split("after step ")[1].split(":")[0])
 
 
-@pytest.mark.parametrize("mode, stop", [("fsdp", "SIGINT"), ("ddp", "SIGTERM")])
-def test_cli_stop_and_resume_under_torchrun(tmp_path, base_dir, mode, stop):
-    """6 straight steps == k steps stopped by a signal + a resume run of 6 - k steps.
+def stop_run(out_dir: Path, base_dir: Path, mode: str, stop: str, after: int, *settings: str) -> tuple[int, str]:
+    """A run of `mode` stopped by `stop` once it has written `after` metrics lines.
 
     SIGINT goes to the whole process group (a terminal's Ctrl-C: torchrun and every rank);
     SIGTERM to torchrun alone (a scheduler), which sends it on to the ranks."""
-    from lora_runtime.adapters import apply_and_load_adapter
-    from lora_runtime.rl.hf_loading import load_model_folder
-
-    rc, out = finish(start_torchrun(cli_args(tmp_path / "straight", base_dir, mode, "trainer.steps=6")))
-    assert rc == 0, out[-6000:]
-    assert out.count("run: mode new") == 0 and out.count("straight: mode new") == 1, out[-3000:]  # rank 0 alone logs
-    straight = compared(tmp_path / "straight")
-    assert [r["step"] for r in straight] == list(range(1, 7))
-
-    first = tmp_path / "first"
-    proc = start_torchrun(cli_args(first, base_dir, mode, "trainer.steps=1000"))
-    wait_for_steps(proc, first / "metrics.jsonl", 2)
+    proc = start_torchrun(cli_args(out_dir, base_dir, mode, "trainer.steps=1000", *settings))
+    wait_for_steps(proc, out_dir / "metrics.jsonl", after)
     if stop == "SIGINT":
         os.killpg(proc.pid, signal.SIGINT)
     else:
         os.kill(proc.pid, signal.SIGTERM)
     rc, out = finish(proc)
     assert rc == 1, out[-3000:]  # torchrun turns the signal it got into an error (see README)
-    k = stopped_step(out, stop)
-    assert 2 <= k < 6, out[-3000:]
-    assert sorted(p.name for p in first.iterdir()) == [
+    assert sorted(p.name for p in out_dir.iterdir()) == [
         "adapter", "config.yaml", "metrics.jsonl", "summary.json", "train_state"]
-    assert f"saved adapter/, train_state/, metrics.jsonl, summary.json in {first}" in out
-    assert [r["step"] for r in compared(first)] == list(range(1, k + 1))
-    meta = json.loads((first / "train_state" / "meta.json").read_text())
-    assert (meta["step"], meta["world_size"], meta["distributed"]) == (k, 2, mode)
-    assert json.loads((first / "summary.json").read_text())["interrupted"] is True
+    assert f"saved adapter/, train_state/, metrics.jsonl, summary.json in {out_dir}" in out
+    assert json.loads((out_dir / "summary.json").read_text())["interrupted"] is True
+    return stopped_step(out, stop), out
 
-    second = tmp_path / "second"
-    rc, out = finish(start_torchrun(cli_args(
-        second, base_dir, mode, f"trainer.steps={6 - k}", f"actor.model.lora_path={first / 'adapter'}")))
+
+def test_cli_stop_and_resume_under_torchrun(tmp_path, base_dir):
+    """N straight FSDP2 steps == FSDP2 steps stopped by SIGINT + DDP steps resumed from that
+    state and stopped by SIGTERM + FSDP2 steps resumed from the DDP state, bit for bit.
+
+    One chain covers what two runs per mode did: both signals, both modes saving on a
+    signal, both loading a state (each one saved by the other mode: DCP reshards)."""
+    from lora_runtime.adapters import apply_and_load_adapter
+    from lora_runtime.rl.hf_loading import load_model_folder
+
+    n = 10
+    rc, out = finish(start_torchrun(cli_args(tmp_path / "straight", base_dir, "fsdp", f"trainer.steps={n}")))
     assert rc == 0, out[-6000:]
-    assert f"continuing from {first / 'train_state'} (optimizer, RNG) at step {k}" in out
-    assert compared(second) == straight[k:]
+    assert out.count("run: mode new") == 0 and out.count("straight: mode new") == 1, out[-3000:]  # rank 0 alone logs
+    straight = compared(tmp_path / "straight")
+    assert [r["step"] for r in straight] == list(range(1, n + 1))
+
+    first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
+    k1, _ = stop_run(first, base_dir, "fsdp", "SIGINT", 2)
+    assert 2 <= k1 < n
+    assert compared(first) == straight[:k1]
+    meta = json.loads((first / "train_state" / "meta.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["distributed"]) == (k1, 2, "fsdp")
+
+    k2, out = stop_run(second, base_dir, "ddp", "SIGTERM", 1, f"actor.model.lora_path={first / 'adapter'}")
+    assert f"continuing from {first / 'train_state'} (optimizer, RNG) at step {k1}" in out
+    assert k1 < k2 < n, (k1, k2)
+    assert compared(second) == straight[k1:k2]
+    meta = json.loads((second / "train_state" / "meta.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["distributed"]) == (k2, 2, "ddp")
+
+    rc, out = finish(start_torchrun(cli_args(
+        third, base_dir, "fsdp", f"trainer.steps={n - k2}", f"actor.model.lora_path={second / 'adapter'}")))
+    assert rc == 0, out[-6000:]
+    assert f"continuing from {second / 'train_state'} (optimizer, RNG) at step {k2}" in out
+    assert compared(third) == straight[k2:]
     for name in FILES:
-        assert (second / "adapter" / name).read_bytes() == (tmp_path / "straight" / "adapter" / name).read_bytes()
+        assert (third / "adapter" / name).read_bytes() == (tmp_path / "straight" / "adapter" / name).read_bytes()
     (base,) = base_dir.iterdir()
-    model = apply_and_load_adapter(load_model_folder(str(base)), second / "adapter")
-    summary = json.loads((second / "summary.json").read_text())
-    assert summary["steps_run"] == 6 - k and summary["lora_layers"] == len(list(iter_lora_layers(model)))
+    model = apply_and_load_adapter(load_model_folder(str(base)), third / "adapter")
+    summary = json.loads((third / "summary.json").read_text())
+    assert summary["steps_run"] == n - k2 and summary["lora_layers"] == len(list(iter_lora_layers(model)))
 
 
 def _rank_pids(torchrun_pid: int) -> dict[int, int]:

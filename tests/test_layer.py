@@ -123,3 +123,93 @@ def test_float32_adapters_on_bfloat16_base():
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         LoRALinear(nn.Linear(64, 48), **kw)
+
+
+def _reference(layer: LoRALinear, x: torch.Tensor, adapter_dtype: torch.dtype, scaling: float) -> torch.Tensor:
+    """float64 `x W^T + b + s (x A^T) B^T`, with A and B first rounded to `adapter_dtype`."""
+    w, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    a = layer.lora_A.weight.detach().to(adapter_dtype).double()  # [r, in]
+    bb = layer.lora_B.weight.detach().to(adapter_dtype).double()  # [out, r]
+    return x.double() @ w.T + b + scaling * (x.double() @ a.T) @ bb.T  # [n, out]
+
+
+@pytest.mark.parametrize("grad", [True, False])  # the autograd op, and the no-grad inference kernel
+def test_float32_adapters_on_bfloat16_base_match_float64_reference(grad):
+    layer = make_layer(lora_alpha=24)  # scaling 3
+    nn.init.normal_(layer.lora_B.weight, std=0.5)
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)  # [6, 48]
+    assert y.dtype == torch.bfloat16 and y.requires_grad == grad
+    ref = _reference(layer, x, torch.bfloat16, 3.0)
+    base_only = _reference(layer, x, torch.bfloat16, 0.0)
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-2
+    assert ((base_only - ref).abs().max() / ref.abs().max()).item() > 10 * err  # the LoRA term is seen
+
+
+def test_no_grad_path_equals_the_autograd_path_float64():
+    layer = make_layer(lora_alpha=24).double()
+    x = torch.randn(2, 7, 64, dtype=torch.float64)
+    with torch.no_grad():
+        fast = layer(x)
+    slow = layer(x)
+    ref = _reference(layer, x.reshape(-1, 64), torch.float64, 3.0).reshape(2, 7, 48)
+    assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12) and torch.allclose(slow, ref, rtol=1e-12, atol=1e-12)
+    wrong = _reference(layer, x.reshape(-1, 64), torch.float64, 3.03).reshape(2, 7, 48)
+    assert not torch.allclose(fast, wrong, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("r", [1, 48])
+def test_rank_limits_are_inclusive(r):
+    layer = LoRALinear(nn.Linear(64, 48), r)
+    assert layer.r == r and layer.lora_A.weight.shape == (r, 64) and layer.lora_B.weight.shape == (48, r)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"r": True}, r"^LoRALinear: rank r=True does not fit Linear\(64, 48\): allowed 1 <= r <= min\(in, out\) = 48$"),
+    ({"r": 4.0}, r"^LoRALinear: rank r=4.0 does not fit Linear\(64, 48\)"),
+    ({"r": 4, "lora_dropout": -0.1}, r"^lora_dropout=-0.1: allowed 0 <= p < 1$"),
+    ({"r": 4, "init": "xavier"}, r"^init='xavier': allowed \['gaussian', 'kaiming'\]$"),
+])
+def test_bad_arguments_full_message(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(nn.Linear(64, 48), **kw)
+
+
+def test_attributes_repr_and_delta_weight_float64():
+    layer = make_layer(r=4, lora_alpha=None, lora_dropout=0.25, init="kaiming")
+    assert (layer.in_features, layer.out_features, layer.r, layer.lora_alpha, layer.scaling) == (64, 48, 4, 4.0, 1.0)
+    assert (layer.lora_dropout, layer.use_rslora, layer.init, layer.disable_adapters, layer.merged) == (
+        0.25, False, "kaiming", False, False)
+    assert layer.extra_repr() == "r=4, lora_alpha=4, scaling=1, lora_dropout=0.25, use_rslora=False"
+    rs = make_layer(r=4, lora_alpha=6, use_rslora=True)
+    assert rs.scaling == 3.0 and rs.extra_repr() == "r=4, lora_alpha=6, scaling=3, lora_dropout=0, use_rslora=True"
+    delta = rs.get_delta_weight()  # [48, 64]
+    assert delta.dtype == torch.float32 and delta.shape == (48, 64)
+    ref = 3.0 * rs.lora_B.weight.double() @ rs.lora_A.weight.double()
+    assert torch.allclose(delta.double(), ref, rtol=1e-6, atol=1e-7) and delta.abs().max() > 0
+    rs.double()
+    assert rs.get_delta_weight().dtype == torch.float64
+    rs.to(torch.bfloat16)
+    assert rs.get_delta_weight().dtype == torch.float32
+
+
+def test_reset_draws_from_the_generator_and_refuses_unknown_init():
+    layer = make_layer(r=8)
+    layer.reset_lora_parameters("gaussian", generator=torch.Generator().manual_seed(5))
+    a = layer.lora_A.weight.detach().clone()
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+    layer.reset_lora_parameters("gaussian", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(layer.lora_A.weight, a)
+    expected = torch.empty(8, 64)
+    nn.init.normal_(expected, 0.0, 1.0 / 8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, expected)
+    layer.reset_lora_parameters("kaiming", generator=torch.Generator().manual_seed(5))
+    expected = torch.empty(8, 64)
+    nn.init.kaiming_uniform_(expected, a=math.sqrt(5), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(layer.lora_A.weight, expected)
+    with pytest.raises(ValueError, match=r"^init='orthogonal': allowed \['gaussian', 'kaiming'\]$"):
+        layer.reset_lora_parameters("orthogonal")
+    assert torch.equal(layer.lora_A.weight, expected)

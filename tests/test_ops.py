@@ -194,3 +194,22 @@ def test_six_argument_form_through_torch_ops():
     x, w, b, a, bb = sample_inputs((4,), 8, 8, 2)
     y = torch.ops.lora_runtime.lora_linear(x, w, b, a, bb, 0.25)
     assert rel_err(y, lora_linear_reference(*(t.double() for t in (x, w, b, a, bb)), 0.25)) < 1e-5
+
+
+@pytest.mark.parametrize("bias, separate", [(True, True), (False, False)])
+def test_fallback_without_the_extension_matches_float64_reference(monkeypatch, bias, separate):
+    """The pure-PyTorch path `lora_linear` takes when the extension is missing, against
+    `x @ W.T + b + s * (lora_input @ A.T) @ B.T` written out here (s = 3, non-zero B)."""
+    import importlib
+
+    op = importlib.import_module("lora_runtime.ops.lora_linear")  # the module (ops.lora_linear is the function)
+
+    monkeypatch.setattr(op, "extension_loaded", lambda: False)
+    x, w, b, a, bb = sample_inputs(dtype=torch.float64, bias=bias, seed=7)
+    li = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) if separate else None
+    got = op.lora_linear(x, w, b, a, bb, 3.0, li)
+    ref = x @ w.T + 3.0 * ((x if li is None else li) @ a.T) @ bb.T  # [3, 5, 40]
+    if bias:
+        ref = ref + b
+    assert got.shape == (3, 5, 40) and rel_err(got, ref) < TOL[torch.float64]
+    assert rel_err(got, ref - (ref - x @ w.T - (b if bias else 0)) * 0.01) > 1e-4  # a 1 % scaling error shows

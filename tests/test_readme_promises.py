@@ -130,6 +130,7 @@ def run(raw):
     return train(validate_config(raw), log=quiet)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_resume_restores_the_rng_with_dropout_on(tmp_path, base_dir):
     """Dropout draws from torch's global generator: 3 + 3 steps equal 6 only if the
@@ -145,6 +146,7 @@ def test_resume_restores_the_rng_with_dropout_on(tmp_path, base_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_training_state_of_other_weights_is_refused(tmp_path, base_dir):
     run(raw_run(tmp_path / "first", base_dir, steps=2))

@@ -19,8 +19,6 @@ import torch
 from conftest import snapshot_files
 from tiny_runs import tiny_raw, write_yaml
 
-from lora_runtime.config import validate_config
-from lora_runtime.rl.actor_setup import ensure_builtin_base
 from lora_runtime.rl.outputs import read_metrics
 from lora_runtime.rl.seeding import STREAMS, RunSeeds, derive_seed
 
@@ -33,10 +31,8 @@ def quiet(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=quiet)
-    return d
+def base_dir(builtin_base):
+    return builtin_base  # the session's built-in base (conftest), read only
 
 
 def cli_train(tmp_path, name: str, raw: dict) -> tuple[int, str]:

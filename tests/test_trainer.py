@@ -17,7 +17,7 @@ from tiny_runs import tiny_raw
 from lora_runtime.adapters import AdapterError, iter_lora_layers
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
 from lora_runtime.config import validate_config
-from lora_runtime.rl.actor_setup import builtin_base_dir, ensure_builtin_base
+from lora_runtime.rl.actor_setup import builtin_base_dir
 from lora_runtime.rl.hf_loading import load_model_folder
 from lora_runtime.rl.outputs import UsageError, read_metrics
 from lora_runtime.rl.trainer import train
@@ -38,11 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    with isolated():
-        ensure_builtin_base(validate_config(tiny_raw(d / "x", d)), log=quiet)
-    return d
+def base_dir(builtin_base):
+    return builtin_base  # the session's built-in base (conftest), read only
 
 
 @pytest.fixture(scope="module")
