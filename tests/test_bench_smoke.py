@@ -72,7 +72,15 @@ def test_smoke_end_to_end(tmp_path, capsys):
     for split in profile.values():
         assert split["total"] == pytest.approx(sum(v for k, v in split.items() if k != "total"))
 
-    for text in ("forward (no grad)", "profile tiny-llama-smoke", "lora/base", "model tiny-llama-smoke", "train step",
+    decode = model["profile_decode"]  # generate b8: ms per call by category, wall total
+    assert list(decode) == ["base", "lora_unmerged", "peft_unmerged"]
+    assert decode["base"]["rank-r GEMMs"] == 0 < decode["lora_unmerged"]["rank-r GEMMs"]
+    assert decode["base"]["LoRA op glue"] == 0 == decode["peft_unmerged"]["LoRA op glue"]
+    for split in decode.values():
+        assert "optimizer" not in split and split["outside ops"] >= 0
+        assert split["total"] >= sum(v for k, v in split.items() if k not in ("total", "outside ops"))
+
+    for text in ("forward (no grad)", "profile tiny-llama-smoke decode b8 (ms/generate)", "lora/base", "model tiny-llama-smoke", "train step",
                  "rollout forward", "targets (tiny-llama-smoke)", str(out)):
         assert text in printed
 
