@@ -8,8 +8,9 @@
 // Python formula did. Under torch.compile, AOTAutograd traces through this kernel to
 // lora_linear_fwd / lora_linear_bwd, whose fake kernels are in lora_runtime/ops/lora_linear.py
 // (lora_group_*: lora_runtime/ops/lora_group.py).
+#include <ATen/ATen.h>
 #include <torch/autograd.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <array>
 #include <tuple>

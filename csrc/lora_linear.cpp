@@ -11,7 +11,10 @@
 //
 // The kernels are plain ATen calls, so the same code serves every device; it is
 // registered for CPU and CUDA.
-#include <torch/extension.h>
+#include <Python.h>  // PyInit__C below
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <tuple>

@@ -14,8 +14,9 @@
 // W's bit patterns read as signed integers of W's width (adapters/merge_bits.checksum).
 // Mask layout: bit j of byte i flags element 8i + j of the flattened weight (merge_bits.pack).
 // CPU only; other devices use the tensor-op path of merge.py.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
