@@ -14,15 +14,15 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp) setup.
 
 .PHONY: install test mutate demo bench lint clean
 
+# The venv's own pip (no upgrade: one network round trip less; any pip >= 21.3 does editable
+# installs) installs everything in one resolver run.
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.deps: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet setuptools wheel ninja
-	$(PY) -m pip install --quiet safetensors "pydantic>=2" numpy pyyaml pytest pytest-benchmark \
-		pytest-randomly hypothesis transformers peft matplotlib rich ruff \
+	$(PY) -m pip install --quiet setuptools wheel ninja safetensors "pydantic>=2" numpy pyyaml \
+		pytest pytest-benchmark pytest-randomly hypothesis transformers peft matplotlib rich ruff \
 		gymnasium minigrid
 	touch $@
 
