@@ -85,13 +85,13 @@ def build_tiny_llama(hidden: int, inter: int, layers: int, heads: int, vocab: in
 
 
 def _llama_spec(name: str, hidden: int, inter: int, layers: int, heads: int, vocab: int,
-                batch: int, seq: int, rank: int = 32) -> ModelSpec:
+                batch: int, seq: int, rank: int = 32, dtype: torch.dtype = torch.float32) -> ModelSpec:
     sizes = {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
              "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
-             "batch": batch, "seq_len": seq}
+             "batch": batch, "seq_len": seq, "dtype": str(dtype).removeprefix("torch.")}
 
     def build() -> nn.Module:
-        return build_tiny_llama(hidden, inter, layers, heads, vocab, max(seq, 128)).eval()
+        return build_tiny_llama(hidden, inter, layers, heads, vocab, max(seq, 128)).to(dtype).eval()
 
     def make_batch(device: torch.device, gen: torch.Generator) -> Batch:
         ids = torch.randint(0, vocab, (batch, seq), generator=gen)  # [B, T]
@@ -110,7 +110,8 @@ def _llama_spec(name: str, hidden: int, inter: int, layers: int, heads: int, voc
         return model(input_ids=b["input_ids"], use_cache=False).logits  # [B, T, V]
 
     desc = (f"LlamaForCausalLM hidden {hidden}, intermediate {inter}, {layers} layers, "
-            f"{heads} heads, vocab {vocab}; batch {batch} x {seq} tokens")
+            f"{heads} heads, vocab {vocab}; batch {batch} x {seq} tokens"
+            + ("" if dtype == torch.float32 else f"; {sizes['dtype']} weights"))
     return ModelSpec(name, desc, build, make_batch, loss, loss_input_grad, rollout, sizes, rank)
 
 
@@ -164,6 +165,10 @@ _ACTOR_SMOKE = {
 MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {
     "tiny-llama": lambda: _llama_spec("tiny-llama", 512, 1376, 4, 8, 8000, 4, 128),
     "actor": lambda: _actor_spec("actor", 4, 128, **_ACTOR_BENCH),
+    # a GPU-sized Llama in bfloat16 (about 0.5 B parameters: 1B-class widths, 8 layers), for
+    # `--device cuda`; each library keeps its default adapter dtype on a bf16 base
+    "llama-medium-bf16": lambda: _llama_spec("llama-medium-bf16", 2048, 5504, 8, 16, 32000, 8, 512,
+                                             dtype=torch.bfloat16),
     "tiny-llama-smoke": lambda: _llama_spec("tiny-llama-smoke", 64, 128, 1, 2, 64, 2, 8, rank=4),
     "actor-smoke": lambda: _actor_spec("actor-smoke", 2, 8, rank=4, **_ACTOR_SMOKE),
 }
