@@ -8,11 +8,15 @@ set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+# The compiler on PATH (on the lent H200 image: GCC 13.3, as torch was built), not a CXX set by the
+# image (/opt/gcc/bin/g++ there, whose build segfaulted on error messages; BENCHMARKS.md).
+export CXX=${LORA_CXX:-g++}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  echo "CXX=$CXX: $($CXX --version | head -1)"
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
 start=$(date +%s)
 timeout 200 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
