@@ -22,7 +22,8 @@ def extension():
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # No FMA contraction: merge_exact.cpp must round `W + s * P` as two separate operations,
     # exactly as the tensor ops of merged_weight() do.
-    cxx += ["-std=c++17", "-ffp-contract=off"]
+    # No -std flag: BuildExtension adds the C++ standard this torch was built for (C++20 for 2.13).
+    cxx += ["-ffp-contract=off"]
     if use_cuda:
         return CUDAExtension(
             "lora_runtime.ops._C",

@@ -8,8 +8,9 @@
 // Python formula did. Under torch.compile, AOTAutograd traces through this kernel to
 // lora_linear_fwd / lora_linear_bwd, whose fake kernels are in lora_runtime/ops/lora_linear.py
 // (lora_group_*: lora_runtime/ops/lora_group.py).
-#include <ATen/ATen.h>
-#include <torch/autograd.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <array>
@@ -150,13 +151,6 @@ const c10::TypedOperatorHandle<GroupBwdSig>& group_bwd_op() {
                              .findSchemaOrThrow("lora_runtime::lora_group_bwd", "")
                              .typed<GroupBwdSig>();
   return op;
-}
-
-bool any_requires_grad(at::TensorList ts) {
-  for (const auto& t : ts) {
-    if (t.requires_grad()) return true;
-  }
-  return false;
 }
 
 // lora_group_fwd's formula: the base weights and biases are frozen (the caller groups only

@@ -8,7 +8,11 @@
 //   lora_group_bwd  gradients of x, of the stacked A and of every B_i; the base weights and
 //                   biases are frozen (the Python caller groups only such layers).
 // Autograd and fake kernels are registered in Python (lora_runtime/ops/lora_group.py).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <tuple>

@@ -1,7 +1,9 @@
 // Inference-only entry points: the kernels of lora_linear / lora_group under op names with
 // no autograd formula, so a call under torch.no_grad() / inference_mode() pays no Python
 // autograd kernel. Callers use them only when no gradient is wanted (lora_runtime/ops/infer.py).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <tuple>

@@ -13,7 +13,10 @@
 // registered for CPU and CUDA.
 #include <Python.h>  // PyInit__C below
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <array>

@@ -14,8 +14,11 @@
 // W's bit patterns read as signed integers of W's width (adapters/merge_bits.checksum).
 // Mask layout: bit j of byte i flags element 8i + j of the flattened weight (merge_bits.pack).
 // CPU only; other devices use the tensor-op path of merge.py.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <cstdint>
