@@ -22,7 +22,7 @@ $(PY):
 $(VENV)/.deps: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet setuptools wheel ninja safetensors "pydantic>=2" numpy pyyaml \
-		pytest pytest-benchmark pytest-randomly hypothesis transformers peft matplotlib rich ruff \
+		pytest pytest-benchmark pytest-randomly pytest-xdist hypothesis transformers peft matplotlib rich ruff \
 		gymnasium minigrid
 	touch $@
 
@@ -35,11 +35,13 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
-# Random test order (pytest-randomly; `-p randomly` fails when the plugin is missing).
-# `make test PYTEST_ARGS=--randomly-seed=last` replays the last run's order (`=N`: seed N).
+# Random test order (pytest-randomly; `-p randomly` fails when the plugin is missing), on
+# TEST_WORKERS processes (pytest-xdist, work stealing; default 2, the CI machine's cores).
+# `make test TEST_WORKERS=0 PYTEST_ARGS=--randomly-seed=N` replays one order in one process.
 # pytest's exit status 5 (no test ran) fails the target like any other non-zero status.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest tests -q -p randomly $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -p randomly -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Mutation testing of the core (see TESTING.md; tens of minutes, not part of `make test`).
 # MUTMUT_ARGS picks mutants, e.g. MUTMUT_ARGS='"lora_runtime.rl.grpo.*"'.

@@ -74,6 +74,11 @@ class ProgressBar:
             self._progress = None
 
 
+def _natural_width(table: Any) -> int:
+    """Columns a rich table needs to print without wrapping a cell."""
+    return Console(width=100_000).measure(table).maximum
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
     """Prints a table (rich when available) to stdout or `file`."""
     cells = [[str(c) for c in row] for row in rows]
@@ -84,7 +89,9 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         for row in cells:
             table.add_row(*row)
         out = file or sys.stdout
-        console = Console(file=out) if out.isatty() else Console(file=out, width=160)
+        # a pipe or a file (logs, tests): the table's natural width, so no row wraps (long run
+        # folders wrapped at a fixed 160 columns and split a row in two)
+        console = Console(file=out) if out.isatty() else Console(file=out, width=max(160, _natural_width(table)))
         console.print(table)
         out.flush()
         return
