@@ -178,6 +178,7 @@ class TaskConfig(_Strict):
     max_episode_steps: StrictInt | None = Field(None, ge=1)
     bc_episodes: StrictInt = Field(400, ge=1)
     eval_episodes: StrictInt = Field(200, ge=1)
+    prev_action: StrictBool = False  # multi-step tasks: the prompt ends with the previous action's token
 
     @field_validator("entry")
     @classmethod
@@ -197,6 +198,8 @@ class TaskConfig(_Strict):
             raise ValueError(f"num_objects={self.num_objects} does not fit a {self.grid}x{self.grid} grid")
         if self.kind == "gym" and self.entry is None:
             raise ValueError("kind 'gym' needs task.entry: 'package.module:function' returning (env, adapter)")
+        if self.kind == "reach" and self.prev_action:
+            raise ValueError("task.prev_action is for multi-step tasks (kind: babyai or gym); the reach task is one step")
         if self.kind != "gym" and self.entry is not None:
             raise ValueError(f"task.entry={self.entry!r} is only read with kind: gym (kind is {self.kind!r})")
         return self
@@ -205,8 +208,9 @@ class TaskConfig(_Strict):
         """The keys the built-in base (warm start) depends on; RL-only keys are left out."""
         if self.kind == "reach":
             return {"grid": self.grid, "num_objects": self.num_objects, "num_colors": self.num_colors, "noise": self.noise}
-        return {"kind": self.kind, "env_id": self.env_id, "entry": self.entry, "bc_episodes": self.bc_episodes,
-                "max_episode_steps": self.max_episode_steps}
+        recipe = {"kind": self.kind, "env_id": self.env_id, "entry": self.entry, "bc_episodes": self.bc_episodes,
+                  "max_episode_steps": self.max_episode_steps}
+        return {**recipe, "prev_action": True} if self.prev_action else recipe  # older bases keep their hash
 
 
 class TrainerConfig(_Strict):
@@ -224,6 +228,7 @@ class TrainerConfig(_Strict):
     clip_eps: float = Field(0.2, gt=0.0)
     kl_coef: float = Field(0.0, ge=0.0)
     update_epochs: StrictInt = Field(1, ge=1)
+    minibatches: StrictInt = Field(1, ge=1)  # optimizer steps per epoch (multi-step tasks), PPO-style
     max_grad_norm: float = Field(1.0, gt=0.0)
     temperature: float = Field(1.0, gt=0.0)
     seed: StrictInt = 0
@@ -260,6 +265,13 @@ class RunConfig(_Strict):
     task: TaskConfig = Field(default_factory=TaskConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
+    @model_validator(mode="after")
+    def _minibatches_need_episodes(self) -> RunConfig:
+        if self.trainer.minibatches > 1 and self.task.kind == "reach":
+            raise ValueError(f"trainer.minibatches={self.trainer.minibatches} needs a multi-step task (task.kind: babyai "
+                             "or gym); the reach task takes one update over the whole batch: use trainer.minibatches: 1")
+        return self
+
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"])
@@ -274,8 +286,8 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         return f"{loc}: required key is missing"
     value = error.get("input")
     msg = str(error.get("ctx", {}).get("error", error["msg"]))
-    if isinstance(value, dict):  # a rule across several keys of a section
-        return f"{loc}: {msg}"
+    if isinstance(value, dict):  # a rule across several keys of a section (or sections: no prefix)
+        return f"{loc}: {msg}" if loc else msg
     return f"{loc}: got {value!r}: {msg}"
 
 

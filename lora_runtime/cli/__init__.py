@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run new -> resume -> full from configs/ and compare them",
                        description="Train configs/lora_new.yaml, then configs/lora_resume.yaml (resuming the "
-                       "adapter the first run saved), then configs/full.yaml, each in its own process, and "
-                       "print one table comparing them. Results of an earlier demo in the same folders are replaced.")
+                       "adapter the first run saved), with configs/full.yaml alongside (its output in "
+                       "<its output_dir>/train.log), each in its own process, and print one table comparing them. Results of an earlier demo in the same folders are replaced.")
     p.add_argument("--configs", default="configs", metavar="DIR", help="folder holding the three YAML files (default: configs)")
     p.add_argument("--output-root", metavar="DIR", help="write the runs to DIR/lora_new, DIR/lora_resume, DIR/full "
                    "(default: each config's trainer.output_dir)")

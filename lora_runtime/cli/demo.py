@@ -1,8 +1,11 @@
-"""`lora-runtime demo` (`make demo`): new -> resume -> full, then one comparison table.
+"""`lora-runtime demo` (`make demo`): new -> resume, with full alongside, then one comparison table.
 
 Each run is `lora-runtime train` in its own process (so each reports its own peak memory)
 with `trainer.overwrite=true`: a demo replaces the results of the previous demo. The
-resume run always points at the adapter the new run just saved.
+resume run always points at the adapter the new run just saved. Full fine-tuning does not
+depend on the other two, so it runs at the same time in a second process (one core each:
+the configs set `num_threads: 1`), its output in `<full run>/train.log`. A failure of
+either stops the demo with that run's exit status; Ctrl-C reaches both (each saves).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ from lora_runtime.config import load_config
 from lora_runtime.rl.outputs import UsageError, read_metrics
 
 RUNS = ("lora_new", "lora_resume", "full")
+ALONGSIDE = "full"  # the run that does not depend on the others: it runs next to them
+LOG_NAME = "train.log"  # the output of the run alongside, in its run folder
 
 
 @dataclass
@@ -54,31 +60,97 @@ def plan_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str
     return runs
 
 
-def _train(run: DemoRun) -> int:
+def _command(run: DemoRun) -> list[str]:
     cmd = [sys.executable, "-m", "lora_runtime", "train", run.config]
     for s in run.overrides:
         cmd += ["--set", s]
-    print(f"\n=== {run.name}: lora-runtime train {run.config} " + " ".join(f"--set {s}" for s in run.overrides), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    return cmd
+
+
+def _shown(run: DemoRun) -> str:
+    return f"lora-runtime train {run.config} " + " ".join(f"--set {s}" for s in run.overrides)
+
+
+def _wait(proc: subprocess.Popen) -> int:
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save and finish
         code = proc.wait()
         code = code if code else EXIT_INTERRUPTED
+    return code
+
+
+def _train(run: DemoRun) -> int:
+    print(f"\n=== {run.name}: {_shown(run)}", flush=True)
+    start = time.perf_counter()
+    code = _wait(subprocess.Popen(_command(run)))
     run.wall_s = time.perf_counter() - start
     return code
 
 
+class Alongside:
+    """A run in its own process next to the others; its output goes to `LOG_NAME` in its run folder."""
+
+    def __init__(self, run: DemoRun) -> None:
+        self.run, self.log = run, os.path.join(run.output_dir, LOG_NAME)
+        try:
+            os.makedirs(run.output_dir, exist_ok=True)
+            with open(self.log, "w", encoding="utf-8") as out:  # the child keeps its own copy of the handle
+                print(f"\n=== {run.name} (alongside, output in {self.log}): {_shown(run)}", flush=True)
+                self.proc = subprocess.Popen(_command(run), stdout=out, stderr=subprocess.STDOUT)
+        except OSError as exc:
+            raise UsageError(f"demo: cannot write {self.log} ({exc.strerror}); pass --output-root DIR with a "
+                             "writable folder") from None
+        start = time.perf_counter()
+        self._timer = threading.Thread(target=self._time, args=(start,), daemon=True)
+        self._timer.start()
+
+    def _time(self, start: float) -> None:
+        self.proc.wait()
+        self.run.wall_s = time.perf_counter() - start
+
+    def wait(self, stop: bool = False) -> int:
+        """Its exit status; `stop`: ask it to stop first (SIGTERM: it saves after its step)."""
+        if stop and self.proc.poll() is None:
+            self.proc.terminate()
+        code = _wait(self.proc)
+        self._timer.join()
+        if code != 0:
+            print(f"demo: {self.run.name} stopped with exit status {code}; its output is in {self.log}", file=sys.stderr)
+        return code
+
+
+def _build_base(run: DemoRun) -> None:
+    """The shared built-in base (warm start), once, before the two processes that load it start."""
+    cfg = load_config(run.config, run.overrides)
+    if cfg.actor.model.model_path is not None:
+        return
+    from lora_runtime.rl.actor_setup import ensure_builtin_base  # deferred: loads torch
+    from lora_runtime.rl.run_control import num_threads  # deferred: loads torch
+
+    with num_threads(cfg.trainer.num_threads):
+        ensure_builtin_base(cfg)
+
+
 def run_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str] = ()) -> int:
-    """Runs the three configs in order and prints the comparison; returns the exit status."""
+    """Runs new -> resume with full alongside and prints the comparison; returns the exit status."""
     runs = plan_demo(configs_dir, output_root, overrides)
     start = time.perf_counter()
-    for run in runs:
-        code = _train(run)
-        if code != 0:
-            print(f"demo: {run.name} stopped with exit status {code}; later runs skipped", file=sys.stderr)
-            return code
+    _build_base(runs[0])
+    alongside = Alongside(next(r for r in runs if r.name == ALONGSIDE))
+    code = 0
+    try:
+        for run in (r for r in runs if r.name != ALONGSIDE):
+            code = _train(run)
+            if code != 0:
+                print(f"demo: {run.name} stopped with exit status {code}; later runs skipped", file=sys.stderr)
+                break
+    except KeyboardInterrupt:  # between two runs
+        code = EXIT_INTERRUPTED
+    # Ctrl-C reached the run alongside too: wait for its save. Another failure stops it.
+    side = alongside.wait(stop=code not in (0, EXIT_INTERRUPTED))
+    if code != 0 or side != 0:
+        return code or side
     print_comparison(runs, time.perf_counter() - start)
     if load_config(runs[0].config, runs[0].overrides).task.kind != "reach":
         from lora_runtime.cli.evaluate import evaluate_demo  # deferred: loads torch

@@ -30,6 +30,7 @@ from lora_runtime.adapters import AdapterError, group_siblings, read_adapter, un
 from lora_runtime.config import ConfigError, RunConfig
 from lora_runtime.rl.bc import behaviour_clone
 from lora_runtime.rl.episodes import random_baseline
+from lora_runtime.rl.evaluation import evaluate
 from lora_runtime.rl.hf_loading import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -250,7 +251,8 @@ def make_task(run_cfg: RunConfig, model: nn.Module) -> ReachTask | EpisodicTask:
             return make_gym_env(t.entry)[0]
     name = t.env_id if t.kind == "babyai" else t.entry
     with quiet():
-        return EpisodicTask(name, make_env, adapter, t.num_envs, vocab_size_of(inner), image_size, t.max_episode_steps)
+        return EpisodicTask(name, make_env, adapter, t.num_envs, vocab_size_of(inner), image_size, t.max_episode_steps,
+                            t.prev_action)
 
 
 def measure_chance(task: ReachTask | EpisodicTask, run_cfg: RunConfig) -> None:
@@ -264,6 +266,11 @@ def measure_chance(task: ReachTask | EpisodicTask, run_cfg: RunConfig) -> None:
     if run_cfg.actor.model.model_path is None:
         with open(os.path.join(builtin_base_dir(run_cfg), CONFIG_NAME), encoding="utf-8") as f:
             report = json.load(f).get("pretrain", {})
+        if "warm_start_success" in report and report.get("eval_episodes") != run_cfg.task.eval_episodes:
+            # the base was cached with another task.eval_episodes (not part of its hash): measure again
+            with torch.random.fork_rng(devices=[]):
+                warm = evaluate(load_base(run_cfg, create=False), episode_logits, task, run_cfg.task.eval_episodes)
+            report["warm_start_success"] = round(warm["success_rate"], 5)
         if "warm_start_success" in report:
             task.levels["warm_start_success"] = report["warm_start_success"]
 

@@ -6,8 +6,10 @@ under `no_grad`. An episode's advantage is its return minus its group's mean, ov
 group's std (`grpo.group_advantages`); every step of the episode shares it. The loss is the
 clipped-ratio surrogate plus `kl_coef` times the exact KL over the action tokens to the
 reference policy (adapters disabled, or the frozen copy in full mode), averaged over the
-steps of the episodes whose advantage is not zero, in minibatches of `MINIBATCH` steps whose
-gradients add up. A group whose episodes all returned the same (all failed, say: the longest
+steps of the episodes whose advantage is not zero. Each of `update_epochs` epochs takes one
+optimizer step per minibatch (`trainer.minibatches`, default 1: one step over all kept
+steps; more: a fresh random split each epoch, PPO-style), each computed in chunks of
+`MINIBATCH` steps whose gradients add up. A group whose episodes all returned the same (all failed, say: the longest
 episodes) has zero advantage and is left out of the update, as in DAPO's dynamic sampling
 (Yu et al. 2025, arXiv:2503.14476, which drops such groups); a step where every group is
 like that makes no update.
@@ -32,7 +34,7 @@ from lora_runtime.rl.episodes import (
 )
 from lora_runtime.rl.tasks.episodic import EpisodicTask
 
-__all__ = ["MINIBATCH", "collect_groups", "episode_advantages", "episode_step"]
+__all__ = ["MINIBATCH", "collect_groups", "episode_advantages", "episode_step", "minibatch_indices"]
 
 MINIBATCH = 512  # recorded steps per forward/backward pass
 
@@ -59,6 +61,19 @@ def episode_advantages(returns: torch.Tensor, episode: torch.Tensor, group_size:
     return grpo.group_advantages(returns, group_size)[episode]
 
 
+def minibatch_indices(total: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The kept steps `0..total-1` split into `minibatches` near-equal index sets `[n_i]`.
+
+    One minibatch is every step in order (no random draw: the update of `minibatches: 1`).
+    More are a fresh permutation from `generator` (so a run stays reproducible and resumes
+    exactly), cut into `min(minibatches, total)` parts, as in PPO's minibatch SGD (Schulman
+    et al. 2017, arXiv:1707.06347, Algorithm 1).
+    """
+    if minibatches == 1:
+        return [torch.arange(total)]
+    return list(torch.randperm(total, generator=generator).tensor_split(min(minibatches, total)))
+
+
 def episode_step(model: nn.Module, forward_model: nn.Module, logits_fn: EpisodeLogitsFn, reference,
                  optimizer: torch.optim.Optimizer, task: EpisodicTask, cfg: TrainerConfig,
                  generator: torch.Generator, device: torch.device) -> dict[str, float]:
@@ -72,32 +87,33 @@ def episode_step(model: nn.Module, forward_model: nn.Module, logits_fn: EpisodeL
     adv, actions, old_logp = adv[keep].to(device), eps.actions[keep].to(device), eps.logp[keep].to(device)
     obs = eps.obs.select(keep)
     action_ids = task.action_ids.to(device)
-    chunks = [slice(i, i + MINIBATCH) for i in range(0, len(actions), MINIBATCH)]
+    total = len(actions)
 
-    def dist_of(m: nn.Module, part: slice) -> torch.Tensor:  # [n, K] log-probs over the action tokens
+    def dist_of(m: nn.Module, part: slice | torch.Tensor) -> torch.Tensor:  # [n, K] log-probs over the action tokens
         return grpo.action_log_probs(logits_fn(m, obs.select(part).to(device)), action_ids, cfg.temperature)
 
-    ref = [reference.apply(lambda m, p=p: dist_of(m, p)) for p in chunks]  # each [n, K]
+    chunks = [slice(i, i + MINIBATCH) for i in range(0, total, MINIBATCH)]
+    ref = [reference.apply(lambda m, p=p: dist_of(m, p)) for p in chunks]  # each [n, K], computed once per step
+    ref = torch.cat(ref) if ref else None  # [S', K]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    total = len(actions)
     sums = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
     grad_norm = torch.zeros(())
     for _ in range(cfg.update_epochs if total else 0):
-        optimizer.zero_grad(set_to_none=True)
-        sums = dict.fromkeys(sums, 0.0)
-        for part, ref_part in zip(chunks, ref):
-            dist = dist_of(forward_model, part)  # [n, K]
-            logp = dist.gather(-1, actions[part][:, None])  # [n, 1]
-            kl = grpo.kl_divergence(dist[:, None], ref_part[:, None])  # [n, 1]
-            loss, stats = grpo.grpo_loss(logp, old_logp[part][:, None], adv[part], kl, cfg.clip_eps, cfg.kl_coef)
-            weight = logp.shape[0] / total
-            (loss * weight).backward()
-            entropy = -(dist.detach().exp() * dist.detach()).sum(-1).mean()
-            for key, value in (("loss", loss.item()), ("entropy", entropy.item()), *stats.items()):
-                sums[key] += value * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        sums = dict.fromkeys(sums, 0.0)  # the metrics are the last epoch's means over all kept steps
+        for batch in minibatch_indices(total, cfg.minibatches, generator):  # one optimizer step each
+            optimizer.zero_grad(set_to_none=True)
+            for part in batch.split(MINIBATCH):  # [n] step indices; gradients add up over the parts
+                dist = dist_of(forward_model, part)  # [n, K]
+                logp = dist.gather(-1, actions[part][:, None])  # [n, 1]
+                kl = grpo.kl_divergence(dist[:, None], ref[part][:, None])  # [n, 1]
+                loss, stats = grpo.grpo_loss(logp, old_logp[part][:, None], adv[part], kl, cfg.clip_eps, cfg.kl_coef)
+                (loss * (len(part) / len(batch))).backward()
+                entropy = -(dist.detach().exp() * dist.detach()).sum(-1).mean()
+                for key, value in (("loss", loss.item()), ("entropy", entropy.item()), *stats.items()):
+                    sums[key] += value * len(part) / total
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     now = time.perf_counter()

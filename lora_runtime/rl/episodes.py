@@ -167,12 +167,17 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
         for i in range(len(chunk)):
             policy.start(i, env.envs[i])
         active = list(range(len(chunk)))
+        previous = np.full(width, -1, dtype=np.int64)  # [width] each environment's last action (-1: none yet)
         while active:
             per_env = task.split(batched)
-            obs = task.encode([per_env[i] for i in active]) if (record or policy.needs_obs) else None
+            if record or policy.needs_obs:
+                obs = task.encode([per_env[i] for i in active], previous[active] if task.prev_action else None)
+            else:
+                obs = None
             choice, logp = policy.act(obs, active)
             actions = np.zeros(width, dtype=np.int64)
             actions[active] = choice.numpy()
+            previous[active] = actions[active]
             with quiet():  # an autoreset may generate a level
                 batched, reward, terminated, truncated, _ = env.step(actions)
             idx = np.asarray(active) + first

@@ -20,7 +20,10 @@ The environment's action space must be `Discrete(K)`: action `k` is the `k`-th o
 
 Token ids: 0 pads, 1 is BOS, then the adapter's words (and symbol words for language models),
 then the action tokens. A prompt is `[BOS, words...]`, right-padded; the action is read at the
-last word.
+last word. With `task.prev_action` the prompt ends with one more token, the environment's
+previous action (BOS at an episode's first step), and the action is read there: a policy
+with this one step of memory can act differently in the same view (a greedy memoryless
+policy that turns left, then right, sees the same view again and loops forever).
 """
 
 from __future__ import annotations
@@ -95,13 +98,15 @@ class EpisodicTask:
         vocab_size: the actor's vocabulary size.
         image_size: the built-in actor's image side, or None for a text-only language model.
         max_episode_steps: a cap on episode length (None: the environment's own limit).
+        prev_action: end each prompt with the environment's previous action token (BOS at
+            an episode's first step): one step of memory, so a greedy policy can break loops.
 
     Raises:
         ConfigError: an action space that is not Discrete, or a vocabulary too small.
     """
 
     def __init__(self, name: str, make_env: Callable[[], Any], adapter: Any, num_envs: int, vocab_size: int,
-                 image_size: int | None, max_episode_steps: int | None = None) -> None:
+                 image_size: int | None, max_episode_steps: int | None = None, prev_action: bool = False) -> None:
         import gymnasium as gym  # deferred: optional dependency
 
         self.name, self.adapter, self.num_envs, self.image_size = name, adapter, num_envs, image_size
@@ -127,6 +132,7 @@ class EpisodicTask:
         self.action_ids = torch.arange(vocab_size - self.num_actions_per_step, vocab_size)  # [K]
         self.chance_reward = float("nan")  # the random policy's mean return, set by whoever measures it
         self.levels: dict[str, float] = {}  # reference success rates written into every metrics line
+        self.prev_action = prev_action  # the prompt ends with the previous action's token
 
     @property
     def num_actions(self) -> int:
@@ -142,9 +148,16 @@ class EpisodicTask:
         except KeyError as exc:
             raise ConfigError(f"task {self.name!r}: the {what} word {exc.args[0]!r} is not in the adapter's vocabulary") from None
 
-    def encode(self, observations: Sequence[Any]) -> ObsBatch:
-        """Observations -> an `ObsBatch` (CPU tensors)."""
+    def encode(self, observations: Sequence[Any], previous: Sequence[int] | None = None) -> ObsBatch:
+        """Observations -> an `ObsBatch` (CPU tensors).
+
+        `previous`: with `prev_action`, each environment's previous action (-1 or None: an
+        episode's first step), appended to the prompt as its action token (BOS for -1).
+        """
         prompts = [[BOS] + self.ids(self.adapter.words(o), "instruction") for o in observations]
+        if self.prev_action:
+            previous = [-1] * len(prompts) if previous is None else previous
+            prompts = [p + [int(self.action_ids[a]) if a >= 0 else BOS] for p, a in zip(prompts, previous)]
         width = max(len(p) for p in prompts)
         prompt_ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])  # [N, T]
         lengths = torch.tensor([len(p) for p in prompts])  # [N]
