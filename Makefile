@@ -45,10 +45,14 @@ test: install
 
 # Mutation testing of the core (see TESTING.md; tens of minutes, not part of `make test`).
 # MUTMUT_ARGS picks mutants, e.g. MUTMUT_ARGS='"lora_runtime.rl.grpo.*"'.
+# MUTATE_TESTS narrows the test files mutmut runs (the others are deselected), e.g.
+# MUTATE_TESTS="tests/test_targets.py tests/test_registry.py"; empty: pyproject's whole selection.
+# MUTATE_KEEP=1 keeps mutants/ (earlier results and stats); by default each run starts afresh.
+MUTATE_DESELECT := $(if $(MUTATE_TESTS),$(foreach f,$(filter-out $(MUTATE_TESTS),$(wildcard tests/test_*.py)),--deselect $(f)))
 mutate: install
 	$(PY) -m pip install --quiet mutmut
-	rm -rf mutants
-	$(BIN)/mutmut run --max-children 1 $(MUTMUT_ARGS); $(BIN)/mutmut results
+	$(if $(MUTATE_KEEP),,rm -rf mutants)
+	PYTEST_ADDOPTS="$(MUTATE_DESELECT)" $(BIN)/mutmut run --max-children 1 $(MUTMUT_ARGS); $(BIN)/mutmut results
 
 demo: install
 	$(BIN)/lora-runtime demo

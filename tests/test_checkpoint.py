@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from lora_runtime.actor import prepare_actor
 from lora_runtime.adapters import (
     AdapterError,
+    LoRALinear,
     apply_and_load_adapter,
     apply_lora,
     iter_lora_layers,
@@ -332,3 +334,224 @@ def test_killed_save_leaves_previous_or_new_complete_adapter(tmp_path):
         server.stdin.close()
         assert server.wait(timeout=60) == 0
     assert target.exists(), "no save completed in any run; the test did not exercise anything"
+
+
+# ------------------------------------------- small hand-built models: exact messages, defaults
+
+
+def small_model(n: int = 8) -> torch.nn.Module:
+    """`fc0` .. `fc{n-1}`, each Linear(6, 5)."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    for i in range(n):
+        model.add_module(f"fc{i}", torch.nn.Linear(6, 5))
+    return model
+
+
+def patch(model, r, **kw):
+    """apply_lora on every `fc<i>` (the default targets would take only fc1 .. fc3)."""
+    return apply_lora(model, r, target_modules=r"fc\d", **kw)
+
+
+def random_adapters(model, seed=4):
+    randomize_lora(model, std=0.5, seed=seed)
+    return model
+
+
+def write_adapter(directory, config, tensors):
+    """A hand-written adapter folder (PEFT's file names and key prefix)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config))
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in tensors.items()}, directory / ADAPTER_WEIGHTS_NAME)
+
+
+def adapter_tensors(names, r=2, seed=5, in_features=6, out_features=5):
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in names:
+        out[f"{name}.lora_A.weight"] = torch.randn(r, in_features, generator=gen)
+        out[f"{name}.lora_B.weight"] = torch.randn(out_features, r, generator=gen)
+    return out
+
+
+def test_save_writes_sorted_json_pt_metadata_and_replaces_an_existing_adapter(tmp_path):
+    from safetensors import safe_open
+
+    model = random_adapters(patch(small_model(2), 2, alpha=3, dropout=0.125, use_rslora=True))
+    save_adapter(model, tmp_path / "a")
+    text = (tmp_path / "a" / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8")
+    cfg = json.loads(text)
+    assert text == json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (2, 3, 0.125, True)
+    with safe_open(str(tmp_path / "a" / ADAPTER_WEIGHTS_NAME), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        saved = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    expected = {f"base_model.model.{n}.lora_{k}.weight": getattr(layer, f"lora_{k}").weight
+                for n, layer in iter_lora_layers(model) for k in "AB"}
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    other = random_adapters(patch(small_model(2), 1), seed=9)  # another r, other values
+    save_adapter(other, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+    back = apply_and_load_adapter(small_model(2), tmp_path / "a")
+    for (_, got), (_, want) in zip(iter_lora_layers(back), iter_lora_layers(other)):
+        assert got.r == 1 and torch.equal(got.lora_A.weight, want.lora_A.weight)
+        assert torch.equal(got.lora_B.weight, want.lora_B.weight)
+
+
+def test_save_error_messages_name_the_folder(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    model = patch(small_model(1), 1)
+    with pytest.raises(AdapterError) as err:
+        save_adapter(model, tmp_path / "file")
+    assert str(err.value) == f"save_adapter: {tmp_path / 'file'} exists and is not a directory"
+    import lora_runtime.adapters.checkpoint as ckpt
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(AdapterError) as err:
+        save_adapter(model, tmp_path / "b")
+    assert str(err.value) == f"save_adapter: writing {tmp_path / 'b'} failed: [Errno 28] No space left on device"
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_one_message_lists_every_weight_problem_and_nothing_is_loaded(tmp_path):
+    model = random_adapters(patch(small_model(5), 2))
+    before = snapshot(model)
+    tensors = adapter_tensors(["fc0", "fc1", "fc2", "fc3"])
+    del tensors["fc0.lora_A.weight"]
+    tensors["fc1.lora_B.weight"] = torch.zeros(5, 3)
+    tensors["fc2.lora_A.weight"] = torch.ones(2, 6, dtype=torch.int32)
+    tensors["fc3.lora_B.weight"][4, 1] = float("nan")
+    tensors.update(adapter_tensors(["other"]))
+    write_adapter(tmp_path / "a", {"r": 2, "target_modules": ["fc0"]}, tensors)
+    with pytest.raises(AdapterError) as err:
+        load_adapter(model, tmp_path / "a")
+    assert str(err.value) == (
+        f"{tmp_path / 'a' / ADAPTER_WEIGHTS_NAME}: cannot load into this model (nothing was changed):\n"
+        "  missing adapter weights for 1 module(s): ['fc4']\n"
+        "  weights for 1 module(s) the model does not adapt: ['other']\n"
+        "  fc0.lora_A.weight is missing\n"
+        "  fc1.lora_B.weight has shape [5, 3], expected [5, 2]\n"
+        "  fc2.lora_A.weight has dtype torch.int32, expected floating point\n"
+        "  fc3.lora_B.weight has non-finite values"
+    )
+    assert_unchanged(model, before)
+
+
+def test_missing_and_unexpected_modules_show_six_names_and_the_count(tmp_path):
+    model = patch(small_model(8), 2)
+    names = [f"x{i}" for i in range(7)]
+    write_adapter(tmp_path / "a", {"r": 2, "target_modules": names}, adapter_tensors(names + ["fc7"]))
+    with pytest.raises(AdapterError) as err:
+        load_adapter(model, tmp_path / "a")
+    lines = str(err.value).split("\n")[1:]
+    assert lines == [
+        "  missing adapter weights for 7 module(s): ['fc0', 'fc1', 'fc2', 'fc3', 'fc4', 'fc5']",
+        "  weights for 7 module(s) the model does not adapt: ['x0', 'x1', 'x2', 'x3', 'x4', 'x5']",
+    ]
+
+
+def test_another_rank_is_reported_per_layer_with_the_shapes(tmp_path):
+    model = patch(small_model(1), 2)
+    write_adapter(tmp_path / "a", {"r": 3, "lora_alpha": 2, "target_modules": ["fc0"]}, adapter_tensors(["fc0"], r=3))
+    with pytest.raises(AdapterError) as err:
+        load_adapter(model, tmp_path / "a")
+    assert str(err.value).split("\n")[1:] == ["  fc0: model layer has r=2, adapter r=3"]
+    write_adapter(tmp_path / "b", {"r": 3, "lora_alpha": 2, "target_modules": ["fc0"]}, adapter_tensors(["fc0"], r=2))
+    with pytest.raises(AdapterError) as err:
+        load_adapter(model, tmp_path / "b")
+    assert str(err.value).split("\n")[1:] == [
+        "  fc0.lora_A.weight has shape [2, 6], expected [3, 6]",
+        "  fc0.lora_B.weight has shape [5, 2], expected [5, 3]",
+        "  fc0: model layer has r=2, adapter r=3",
+    ]
+
+
+def test_scaling_mismatch_is_one_line_and_ignores_modules_the_adapter_lacks(tmp_path):
+    model = patch(small_model(3), 2, alpha=6, use_rslora=True)
+    before = snapshot(model)
+    write_adapter(tmp_path / "a", {"r": 2, "target_modules": ["fc0", "fc1", "fc2"]},
+                  adapter_tensors(["fc0", "fc1", "fc2"]))  # no lora_alpha, no use_rslora: 2, False
+    with pytest.raises(AdapterError) as err:
+        load_adapter(model, tmp_path / "a")
+    assert str(err.value).split("\n")[1:] == [
+        "  fc0: model layer has lora_alpha=6, use_rslora=True; adapter has lora_alpha=2, use_rslora=False"
+    ]
+    assert_unchanged(model, before)
+    # the alpha matches but rsLoRA does not
+    write_adapter(tmp_path / "b", {"r": 2, "lora_alpha": 6, "target_modules": ["fc0"]},
+                  adapter_tensors(["fc0", "fc1", "fc2"]))
+    with pytest.raises(AdapterError, match=r"fc0: model layer has lora_alpha=6, use_rslora=True; "
+                                            r"adapter has lora_alpha=6, use_rslora=False$"):
+        load_adapter(model, tmp_path / "b")
+    # a layer the adapter lacks is reported as missing only, even with another alpha
+    mixed = small_model(2)
+    mixed.fc0 = LoRALinear(mixed.fc0, 2, lora_alpha=9)
+    mixed.fc1 = LoRALinear(mixed.fc1, 2)
+    write_adapter(tmp_path / "c", {"r": 2, "target_modules": ["fc1"]}, adapter_tensors(["fc1"]))
+    with pytest.raises(AdapterError) as err:
+        load_adapter(mixed, tmp_path / "c")
+    assert str(err.value).split("\n")[1:] == ["  missing adapter weights for 1 module(s): ['fc0']"]
+
+
+def test_a_minimal_config_loads_with_peft_defaults(tmp_path):
+    tensors = adapter_tensors(["fc0", "fc2"], r=2)
+    write_adapter(tmp_path / "a", {"r": 2, "target_modules": ["fc0", "fc2"]}, tensors)
+    model = small_model(3)
+    assert apply_and_load_adapter(model, tmp_path / "a", expected_rank=2) is model
+    layers = dict(iter_lora_layers(model))
+    assert list(layers) == ["fc0", "fc2"]
+    for name, layer in layers.items():
+        assert (layer.r, layer.lora_alpha, layer.scaling, layer.lora_dropout) == (2, 2.0, 1.0, 0.0)
+        assert (layer.use_rslora, layer.init) == (False, "kaiming")
+        assert torch.equal(layer.lora_A.weight, tensors[f"{name}.lora_A.weight"])
+        assert torch.equal(layer.lora_B.weight, tensors[f"{name}.lora_B.weight"])
+    # a loaded model computes W x + b + scaling * B A x (float64 reference)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    layer = layers["fc2"]
+    ref = x @ layer.base_layer.weight.double().T + layer.base_layer.bias.double() \
+        + 1.0 * (x @ tensors["fc2.lora_A.weight"].double().T) @ tensors["fc2.lora_B.weight"].double().T
+    with torch.no_grad():
+        assert torch.allclose(layer(x.float()).double(), ref, atol=1e-5)
+
+
+def test_config_values_reach_the_layers(tmp_path):
+    config = {"r": 2, "lora_alpha": 6, "lora_dropout": 0.25, "use_rslora": True,
+              "init_lora_weights": "gaussian", "target_modules": r"fc\d", "exclude_modules": ["fc1"]}
+    tensors = adapter_tensors(["fc0", "fc2"])
+    write_adapter(tmp_path / "a", config, tensors)
+    model = apply_and_load_adapter(small_model(3), tmp_path / "a")
+    layers = dict(iter_lora_layers(model))
+    assert list(layers) == ["fc0", "fc2"]
+    for layer in layers.values():
+        assert (layer.lora_alpha, layer.lora_dropout, layer.use_rslora, layer.init) == (6.0, 0.25, True, "gaussian")
+        assert layer.scaling == pytest.approx(6 / math.sqrt(2), rel=1e-15)
+    write_adapter(tmp_path / "b", {**config, "init_lora_weights": False, "exclude_modules": None},
+                  adapter_tensors(["fc0", "fc1", "fc2"]))
+    model = apply_and_load_adapter(small_model(3), tmp_path / "b")
+    assert [(n, layer.init) for n, layer in iter_lora_layers(model)] == [("fc0", "kaiming"), ("fc1", "kaiming"), ("fc2", "kaiming")]
+
+
+def test_apply_and_load_refusals_name_the_folder_and_leave_the_model_unpatched(tmp_path):
+    write_adapter(tmp_path / "a", {"r": 2, "target_modules": ["fc0"]}, adapter_tensors(["fc0"]))
+    write_adapter(tmp_path / "none", {"r": 2, "target_modules": ["head"]}, adapter_tensors(["head"]))
+    write_adapter(tmp_path / "big", {"r": 6, "target_modules": ["fc0"]}, adapter_tensors(["fc0"], r=6))
+    cases = [
+        ((tmp_path / "a", 4), (f"actor.model.lora_rank=4 but the adapter in {tmp_path / 'a'} has r=2 "
+                              f"({ADAPTER_CONFIG_NAME}); set lora_rank: 2 to resume it")),
+        ((tmp_path / "none", None), (f"{tmp_path / 'none' / ADAPTER_CONFIG_NAME}: target_modules=['head'] "
+                                    "matches no nn.Linear module of this model")),
+        ((tmp_path / "big", None), (f"{tmp_path / 'big'}: apply_lora: module 'fc0': rank r=6 does not fit "
+                                   "Linear(6, 5): allowed 1 <= r <= min(in, out) = 5")),
+    ]
+    for (folder, rank), message in cases:
+        model = small_model(2)
+        before = snapshot(model)
+        with pytest.raises(AdapterError) as err:
+            apply_and_load_adapter(model, folder, expected_rank=rank)
+        assert str(err.value) == message
+        assert not list(iter_lora_layers(model))
+        assert_unchanged(model, before)

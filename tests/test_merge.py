@@ -14,6 +14,7 @@ from torch import nn
 from lora_runtime.adapters import (
     LoRALinear,
     MergeError,
+    MergeStats,
     adapter_disabled,
     apply_lora,
     iter_lora_layers,
@@ -373,3 +374,158 @@ def test_tied_base_weight_is_untied_by_merge_and_tied_again_by_merged():
 def test_merge_lora_without_adapters_is_refused():
     with pytest.raises(ValueError, match="no LoRA layers"):
         merge_lora(nn.Sequential(nn.Linear(4, 4)))
+
+
+# ------------------------------------------------ exact messages and accounting, small models
+
+
+def small(dtype: torch.dtype = torch.float32, std: float = 0.05, n: int = 2) -> nn.Module:
+    """`n` LoRALinear(8, 8), r 2, alpha 3 (scaling 1.5), random non-zero adapters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[LoRALinear(nn.Linear(8, 8, bias=False), 2, lora_alpha=3) for _ in range(n)])
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in model:
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.to(dtype)
+
+
+def test_refusals_before_merging_have_exact_messages_and_change_nothing():
+    with pytest.raises(ValueError) as err:
+        merge_lora(nn.Sequential(nn.Linear(2, 2)))
+    assert str(err.value) == "merge_lora: the model has no LoRA layers (apply_lora first)"
+    with pytest.raises(ValueError) as err, merged(nn.Linear(2, 2)):
+        pass
+    assert str(err.value) == "merged: the model has no LoRA layers (apply_lora first)"
+    model = small()
+    before = snapshot(model)
+    with torch.no_grad():
+        model[1].lora_A.weight[0, 0] = float("inf")
+        model[1].lora_A.weight[1, 3] = float("nan")
+    with pytest.raises(ValueError) as err:
+        merge_lora(model)
+    assert str(err.value) == (
+        "merge_lora: adapter '1.lora_A.weight' has 2 non-finite (NaN or inf) values; "
+        "merging needs finite adapters. Nothing was changed"
+    )
+    with torch.no_grad():
+        model[1].lora_A.weight.copy_(before["1.lora_A.weight"])
+        model[0].lora_B.weight[7, 1] = float("-inf")
+    with pytest.raises(ValueError) as err, merged(model):
+        pass
+    assert str(err.value) == (
+        "merged: adapter '0.lora_B.weight' has 1 non-finite (NaN or inf) values; "
+        "merging needs finite adapters. Nothing was changed"
+    )
+    with torch.no_grad():
+        model[0].lora_B.weight.copy_(before["0.lora_B.weight"])
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
+    with merged(model):
+        with pytest.raises(MergeError) as err, merged(model):
+            pass
+        assert str(err.value) == (
+            "merged: layer '0' is already merged by merged(...); nesting is not allowed, "
+            "leave the outer context first"
+        )
+    with adapter_disabled(model), pytest.raises(MergeError) as err:
+        merge_lora(model)
+    assert str(err.value) == (
+        "merge_lora: layer '0' has its adapter disabled by adapter_disabled(...); leave that context first"
+    )
+    assert_bit_identical(model, before)
+    assert_unmerged(model)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, "half", True, False])
+def test_bad_limits_are_named_with_what_is_allowed(bad):
+    model = small()
+    with pytest.raises(ValueError) as err, merged(model, max_extra_fraction=bad):
+        pass
+    assert str(err.value) == f"merged: max_extra_fraction={bad!r}; allowed: None or a number > 0"
+    assert_unmerged(model)
+
+
+@pytest.mark.parametrize("limit", [1, 10.0, None])
+def test_ints_floats_and_none_are_accepted_limits(limit):
+    model = small()
+    before = snapshot(model)
+    with merged(model, max_extra_fraction=limit) as stats:
+        assert all(layer.merged for layer in model)
+    assert stats.layers == 2 and stats.extra_fraction < 1
+    assert_bit_identical(model, before)
+
+
+def test_the_budget_is_checked_with_ge_after_each_layer_and_the_message_gives_the_bytes():
+    # bf16, large deltas: each layer keeps a plain copy (128 bytes) and its adapters
+    # (2 * 16 values * 2 bytes = 64): 192 extra bytes per layer; 256 merged bytes in all
+    model = small(torch.bfloat16, std=4.0, n=2)
+    before = snapshot(model)
+    for limit, after in ((0.75, 1), (1.5, 2)):  # 192 >= 0.75 * 256 after one layer; 384 >= 1.5 * 256
+        with pytest.raises(MergeError) as err, merged(model, max_extra_fraction=limit):
+            pytest.fail("the body must not run")
+        assert str(err.value) == (
+            f"merged: restoring the base weights exactly would hold more than max_extra_fraction={limit} "
+            f"of the merged weights ({192 * after} bytes after {after} of 2 layers, merged weights 256 "
+            "bytes): the adapters' deltas are large next to the weights. Nothing was changed; raise "
+            "max_extra_fraction, or use iter_merged_weights / merge_lora on a copy"
+        )
+        assert_bit_identical(model, before)
+        assert_unmerged(model)
+    with merged(model, max_extra_fraction=1.5000001) as stats:
+        pass
+    assert (stats.layers, stats.merged_bytes, stats.extra_bytes, stats.total_elements) == (2, 256, 384, 128)
+    assert (stats.patched_elements, stats.untied_bytes) == (0, 0)
+    assert stats.extra_fraction == 1.5
+    assert_bit_identical(model, before)
+
+
+def test_empty_stats_report_a_zero_fraction():
+    stats = MergeStats()
+    assert (stats.layers, stats.merged_bytes, stats.extra_bytes, stats.patched_elements,
+            stats.total_elements, stats.untied_bytes, stats.extra_fraction) == (0, 0, 0, 0, 0, 0, 0.0)
+
+
+def test_a_step_inside_merged_names_the_optimizer_and_the_layer_and_the_hook_goes_on_exit():
+    model = small()
+    optimizer = torch.optim.SGD([model[1].lora_B.weight], lr=0.5)
+    model[1].lora_B.weight.grad = torch.ones_like(model[1].lora_B.weight)
+    before = snapshot(model)
+    with merged(model):
+        with pytest.raises(MergeError) as err:
+            optimizer.step()
+        assert str(err.value) == (
+            "merged: SGD.step() inside merged(...) would update layer '1' (adapter or merged base "
+            "weight); nothing was changed. merged() is for inference: step the optimizer outside it"
+        )
+    assert_bit_identical(model, before)
+    with pytest.raises(RuntimeError), merged(model):
+        raise RuntimeError("inside")
+    optimizer.step()  # the hook is gone after a normal and after a failed block
+    assert torch.equal(model[1].lora_B.weight, before["1.lora_B.weight"] - 0.5)
+
+
+def test_merged_weight_and_merge_lora_match_a_float64_reference_in_each_dtype():
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        model = small(dtype, std=0.3)
+        refs = [
+            layer.base_layer.weight.double() + 1.5 * layer.lora_B.weight.double() @ layer.lora_A.weight.double()
+            for layer in model
+        ]
+        acc_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        tols = [  # half an ulp of the result, plus the rounding of the sum's terms
+            torch.finfo(dtype).eps * ref.abs() + 4 * acc_eps * (
+                layer.base_layer.weight.double().abs()
+                + 1.5 * layer.lora_B.weight.double().abs() @ layer.lora_A.weight.double().abs())
+            for layer, ref in zip(model, refs)
+        ]
+        for layer, ref, tol in zip(model, refs, tols):
+            got = merged_weight(layer)
+            assert got.dtype == dtype and got.shape == (8, 8)
+            assert ((got.double() - ref).abs() <= tol).all()
+            assert (ref - layer.base_layer.weight.double()).abs().max() > 10 * tol.max()  # the delta is seen
+        assert merge_lora(model) is model
+        for module, ref, tol in zip(model, refs, tols):
+            assert type(module) is nn.Linear
+            assert ((module.weight.double() - ref).abs() <= tol).all()

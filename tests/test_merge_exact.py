@@ -6,9 +6,13 @@ Both must give the same merged weight (the one `merged_weight` defines), the sam
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
+from lora_runtime.adapters import LoRALinear, MergeError, merge_store, merged
 from lora_runtime.adapters.merge_bits import bits, checksum
 from lora_runtime.adapters.merge_store import _enter_with_tensor_ops, add_delta, sub_delta
 from lora_runtime.ops._extension import extension_loaded
@@ -121,3 +125,133 @@ def test_fused_path_applies_only_where_it_can():
     assert not fused_merge_applies(w.t(), product.t())  # not contiguous
     assert not fused_merge_applies(w[:, :3], product[:, :3])
     assert not fused_merge_applies(w.to(torch.int32), product)
+
+
+# `merged(...)` through `adapters/merge_store.py`'s tensor-op path (what runs on GPU and
+# without the extension) against the fused path, and the restore's reports.
+
+
+def _two_layers(dtype: torch.dtype, std: float, specials: bool) -> nn.Module:
+    """Two `LoRALinear`s with random non-zero adapters (scalings 5/3 and 7/sqrt(2))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        LoRALinear(nn.Linear(24, 20), 3, lora_alpha=5),
+        LoRALinear(nn.Linear(20, 16, bias=False), 2, lora_alpha=7, use_rslora=True),
+    ).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model:
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+        if specials:  # signed zeros and a NaN must come back bit for bit
+            w = model[0].base_layer.weight
+            w[0, 0], w[0, 1], w[1, 1] = 0.0, -0.0, float("nan")
+    return model
+
+
+def _weight_bits(model: nn.Module) -> list[torch.Tensor]:
+    return [layer.base_layer.weight.detach().clone() for layer in model]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("std", [0.05, 4.0])  # small deltas: patch stores; large: plain copies
+def test_merged_on_the_tensor_op_path_equals_the_fused_path_and_restores_bits(monkeypatch, dtype, std):
+    specials = dtype in (torch.float32, torch.float64)  # bf16/f16 NaN payloads differ by path
+    fused_model, model = _two_layers(dtype, std, specials), _two_layers(dtype, std, specials)
+    before = _weight_bits(model)
+    adapters = [(ly.lora_A.weight.clone(), ly.lora_B.weight.clone()) for ly in model]
+    with merged(fused_model) as fused_stats:
+        fused = _weight_bits(fused_model)
+    monkeypatch.setattr(merge_store, "fused_merge_applies", lambda w, p: False)
+    with merged(model) as stats:
+        for layer, want, w0, scaling in zip(model, fused, before, (5 / 3, 7 / math.sqrt(2))):
+            got = layer.base_layer.weight
+            assert _same_bits_nan_as_nan(got, want)
+            a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+            exact = w0.double() + scaling * (b @ a)  # [out, in] float64 reference
+            tol = 2 * torch.finfo(dtype).eps * (w0.double().abs() + scaling * (b.abs() @ a.abs()))
+            fin = torch.isfinite(exact)
+            assert ((got.double() - exact).abs()[fin] <= tol[fin]).all()
+    assert stats == fused_stats
+    assert stats.layers == 2 and stats.total_elements == 24 * 20 + 20 * 16
+    if std == 4.0 and dtype in (torch.bfloat16, torch.float16):  # plain copies of W, and the adapters
+        assert stats.patched_elements == 0
+        held = sum(w.numel() for w in before) + sum(a.numel() + b.numel() for a, b in adapters)
+        assert stats.extra_bytes == held * before[0].element_size()
+    elif std == 0.05:
+        assert 0 < stats.patched_elements < stats.total_elements
+    for layer, w0, (a, b) in zip(model, before, adapters):
+        assert torch.equal(bits(layer.base_layer.weight), bits(w0))
+        assert torch.equal(layer.lora_A.weight, a) and torch.equal(layer.lora_B.weight, b)
+        assert not layer.merged
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_patched_weight_written_inside_merged_is_reported_as_not_restorable(monkeypatch, fused):
+    if not fused:
+        monkeypatch.setattr(merge_store, "fused_merge_applies", lambda w, p: False)
+    model = _two_layers(torch.bfloat16, 0.05, specials=False)
+    with pytest.raises(MergeError) as err, merged(model), torch.no_grad():
+        model[1].base_layer.weight.add_(1.0)
+    assert str(err.value) == (
+        "merged: tensors were modified in place inside merged(...): '1.base_layer.weight' "
+        "(it cannot be restored exactly). merged() is for inference; write weights outside it"
+    )
+    assert not model[1].merged and not model[0].merged
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_write_that_escapes_the_version_counter_fails_the_bit_exact_check(monkeypatch, fused):
+    if not fused:
+        monkeypatch.setattr(merge_store, "fused_merge_applies", lambda w, p: False)
+    model = _two_layers(torch.float32, 0.05, specials=False)
+    with pytest.raises(MergeError) as err, merged(model):
+        model[0].base_layer.weight.data.add_(1.0)  # `.data`: no version bump; unpatched elements wrong
+    assert str(err.value) == (
+        "merged: tensors were modified in place inside merged(...): '0.base_layer.weight' "
+        "failed the bit-exact check. merged() is for inference; write weights outside it"
+    )
+
+
+def test_an_adapter_written_inside_merged_is_put_back_before_the_weight_is_restored():
+    model = _two_layers(torch.float32, 0.05, specials=False)
+    before = _weight_bits(model)
+    a0, b0 = model[1].lora_A.weight.clone(), model[1].lora_B.weight.clone()
+    with pytest.raises(MergeError) as err, merged(model), torch.no_grad():
+        model[1].lora_B.weight.mul_(3.0)
+    assert str(err.value) == (
+        "merged: tensors were modified in place inside merged(...): '1' adapters (restored to "
+        "their values at entry). merged() is for inference; write weights outside it"
+    )
+    assert torch.equal(model[1].lora_A.weight, a0) and torch.equal(model[1].lora_B.weight, b0)
+    for layer, w0 in zip(model, before):  # restored with the entry adapters: bit for bit
+        assert torch.equal(bits(layer.base_layer.weight), bits(w0))
+
+
+def test_add_and_sub_delta_sum_in_the_accumulation_dtype_and_round_once():
+    # bfloat16 keeps 8 significant bits: half an ulp of 1.0 is 2^-8. The exact sums round
+    # once (1 + 2^-8 + 2^-16 -> 1 + 2^-7); rounding the delta to bf16 first would give 1.0
+    w = torch.tensor([1.0, 1.0, -2.0, 0.0], dtype=torch.bfloat16)
+    delta = torch.tensor([2**-8 + 2**-16, 2**-8 - 2**-16, 2**-7 + 2**-20, -0.0])  # float32
+    keep = delta.clone()
+    merged_w = merge_store.add_delta(w, delta.clone())
+    expected = (w.double() + delta.double()).to(torch.bfloat16)
+    assert expected.tolist() == [1.0 + 2**-7, 1.0, -2.0 + 2**-7, 0.0]
+    assert merged_w.dtype == torch.bfloat16 and torch.equal(bits(merged_w), bits(expected))
+    restored = merge_store.sub_delta(merged_w, delta)
+    assert torch.equal(delta, keep)
+    assert restored.dtype == torch.bfloat16
+    assert torch.equal(bits(restored), bits((merged_w.double() - delta.double()).to(torch.bfloat16)))
+    # float32: the result is a new tensor; the merged weight and the delta are left alone
+    w32 = torch.tensor([1.0, -3.0])
+    d32 = torch.tensor([2**-30, 0.5])
+    m32 = merge_store.add_delta(w32, d32.clone())
+    assert m32.tolist() == [1.0, -2.5]
+    back = merge_store.sub_delta(m32, d32)
+    assert back.tolist() == [1.0, -3.0] and m32.tolist() == [1.0, -2.5] and back.data_ptr() != m32.data_ptr()
+    # float64 weights are summed in float64
+    w64 = torch.tensor([1.0], dtype=torch.float64)
+    assert merge_store.add_delta(w64, torch.tensor([2**-40], dtype=torch.float64)).item() == 1.0 + 2**-40
+    assert merge_store.sub_delta(torch.tensor([1.0 + 2**-40], dtype=torch.float64),
+                                 torch.tensor([2**-40], dtype=torch.float64)).item() == 1.0
+    assert merge_store.nbytes(torch.zeros(3, 5, dtype=torch.float16)) == 30
