@@ -255,3 +255,32 @@ def test_add_and_sub_delta_sum_in_the_accumulation_dtype_and_round_once():
     assert merge_store.sub_delta(torch.tensor([1.0 + 2**-40], dtype=torch.float64),
                                  torch.tensor([2**-40], dtype=torch.float64)).item() == 1.0
     assert merge_store.nbytes(torch.zeros(3, 5, dtype=torch.float16)) == 30
+
+
+@pytest.mark.parametrize("dtype, numel, patched, copy", [
+    (torch.bfloat16, 8, 0, False),  # nothing to patch: no mask, no values
+    (torch.bfloat16, 8, 7, False),  # 7 * 2 + 1 = 15 < 16 bytes
+    (torch.bfloat16, 16, 15, True),  # 15 * 2 + 2 = 32 >= 32: a plain copy
+    (torch.bfloat16, 17, 16, True),  # 32 + 3 = 35 >= 34
+    (torch.bfloat16, 17, 15, False),  # 30 + 3 = 33 < 34
+    (torch.bfloat16, 25, 23, True),  # 46 + 4 = 50 >= 50
+    (torch.float32, 8, 8, True),  # 32 + 1 >= 32
+    (torch.float32, 9, 8, False),  # 32 + 2 < 36
+])
+def test_the_store_is_a_copy_exactly_when_the_patch_would_not_be_smaller(dtype, numel, patched, copy):
+    """The rule: a plain copy when `patched * element_size + ceil(numel / 8)` bytes (values and
+    the bitmask) >= W's bytes. W's first `patched` elements are lost to a huge delta (W + d
+    rounds to d: `round(M - d)` is 0), the rest are 0.0 and come back exactly."""
+    big = 2.0**12 if dtype == torch.bfloat16 else 2.0**25  # far above W: rounds W away
+    w = torch.zeros(numel, dtype=torch.float64)
+    w[:patched] = 1 + torch.arange(1, patched + 1, dtype=torch.float64) / 128
+    w = w.to(dtype).reshape(1, numel)
+    delta = torch.full((1, numel), big)  # float32
+    for store in (_enter_with_tensor_ops(w.clone(), delta.clone()), merge_enter(w.clone(), delta.clone(), 1.0)):
+        assert (store.copy is not None) == copy
+        if copy:
+            assert torch.equal(bits(store.copy), bits(w)) and store.mask is None and store.values.numel() == 0
+        else:
+            assert torch.equal(bits(store.values), bits(w[0, :patched]))
+            assert (store.mask is None) == (patched == 0)
+            assert store.checksum == checksum(w)

@@ -3,13 +3,14 @@ hand-built models: dot boundaries, regex full match, nesting, wrappers, the skip
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lora_runtime.adapters import LoRALinear
+from lora_runtime.adapters import LoRALinear, apply_lora
 from lora_runtime.adapters.targets import (
     find_targets,
     inside_any,
@@ -113,6 +114,39 @@ def test_non_linear_matches_warn_once_listing_eight_and_the_count():
         find_targets(model_of(n=8), ["norm"])
     (w,) = caught
     assert str(w.message).endswith("layers.7.norm (LayerNorm)")  # eight: no count
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        find_targets(model_of(n=9), ["norm"])
+    (w,) = caught
+    assert str(w.message).endswith("layers.7.norm (LayerNorm), ... (9 in all)")  # nine: eight and the count
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert find_targets(model_of(), ["q_proj"])  # no warning without a skipped module
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines add stack frames")
+def test_the_skip_warning_points_at_the_caller_of_apply_lora():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(model_of(n=1), 1, target_modules=["norm", "q_proj"])
+    (w,) = caught
+    assert w.category is UserWarning
+    assert os.path.realpath(w.filename) == os.path.realpath(__file__)  # this line, not the library
+
+
+def test_unwrap_model_and_iter_lora_layers_see_through_ddp():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one rank, in process
+    try:
+        model = model_of(n=1)
+        set_submodule(model, "head", LoRALinear(model.head, 1))
+        ddp = DistributedDataParallel(model)
+        assert unwrap_model(ddp) is model
+        assert unwrap_model(torch.compile(ddp)) is model  # compile around DDP
+        assert [n for n, _ in iter_lora_layers(ddp)] == ["head"]  # no "module." prefix
+        assert [n for n, _ in find_targets(ddp, ["q_proj"])] == ["layers.0.q_proj"]
+    finally:
+        dist.destroy_process_group()
