@@ -555,3 +555,23 @@ def test_apply_and_load_refusals_name_the_folder_and_leave_the_model_unpatched(t
         assert str(err.value) == message
         assert not list(iter_lora_layers(model))
         assert_unchanged(model, before)
+
+
+def test_weights_refused_after_patching_leave_the_base_bit_for_bit(tmp_path):
+    """apply_and_load_adapter patches, then checks the weights; a refusal takes the layers out
+    without touching the base weights (a merge of the fresh zero-B adapters would turn -0.0
+    into +0.0)."""
+    tensors = adapter_tensors(["fc0", "fc1"])
+    tensors["fc1.lora_B.weight"] = torch.zeros(4, 2)  # wrong shape: found after patching
+    write_adapter(tmp_path / "a", {"r": 2, "target_modules": ["fc0", "fc1"]}, tensors)
+    model = small_model(2)
+    with torch.no_grad():
+        model.fc0.weight[0, :3] = -0.0
+    before = snapshot(model)
+    modules = dict(model.named_children())
+    with pytest.raises(AdapterError) as err:
+        apply_and_load_adapter(model, tmp_path / "a")
+    assert str(err.value).endswith("\n  fc1.lora_B.weight has shape [4, 2], expected [5, 2]")
+    assert dict(model.named_children()) == modules and not list(iter_lora_layers(model))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value.view(torch.int32), before[key].view(torch.int32)), key  # bits
