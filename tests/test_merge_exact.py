@@ -183,7 +183,7 @@ def test_merged_on_the_tensor_op_path_equals_the_fused_path_and_restores_bits(mo
     for layer, w0, (a, b) in zip(model, before, adapters):
         assert torch.equal(bits(layer.base_layer.weight), bits(w0))
         assert torch.equal(layer.lora_A.weight, a) and torch.equal(layer.lora_B.weight, b)
-        assert not layer.merged
+        assert layer.merged is False
 
 
 @pytest.mark.parametrize("fused", [True, False])
