@@ -575,3 +575,17 @@ def test_weights_refused_after_patching_leave_the_base_bit_for_bit(tmp_path):
     assert dict(model.named_children()) == modules and not list(iter_lora_layers(model))
     for key, value in model.state_dict().items():
         assert torch.equal(value.view(torch.int32), before[key].view(torch.int32)), key  # bits
+
+
+def test_load_adapter_takes_a_folder_already_read(tmp_path):
+    from lora_runtime.adapters.peft_format import read_adapter as read_folder
+
+    tensors = adapter_tensors(["fc0", "fc1"])
+    write_adapter(tmp_path / "a", {"r": 2, "target_modules": ["fc0", "fc1"]}, tensors)
+    files = read_folder(tmp_path / "a")
+    (tmp_path / "a" / ADAPTER_WEIGHTS_NAME).unlink()  # the files are not read again
+    model = patch(small_model(2), 2)
+    load_adapter(model, files)
+    for name, layer in iter_lora_layers(model):
+        assert torch.equal(layer.lora_A.weight, tensors[f"{name}.lora_A.weight"])
+        assert torch.equal(layer.lora_B.weight, tensors[f"{name}.lora_B.weight"])
