@@ -213,3 +213,16 @@ def test_reset_draws_from_the_generator_and_refuses_unknown_init():
     with pytest.raises(ValueError, match=r"^init='orthogonal': allowed \['gaussian', 'kaiming'\]$"):
         layer.reset_lora_parameters("orthogonal")
     assert torch.equal(layer.lora_A.weight, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_adapters_take_the_base_layers_dtype_and_device(dtype):
+    base = nn.Linear(8, 6).to(dtype)
+    layer = LoRALinear(base, 2, lora_alpha=4)
+    for p in (layer.lora_A.weight, layer.lora_B.weight):
+        assert p.dtype == dtype and p.device == base.weight.device
+    nn.init.normal_(layer.lora_B.weight, std=0.5)
+    if dtype == torch.float64:  # all float64: the output equals the float64 formula to rounding
+        x = torch.randn(3, 8, dtype=torch.float64)
+        ref = _reference(layer, x, torch.float64, 2.0)
+        assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
