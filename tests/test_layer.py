@@ -226,3 +226,24 @@ def test_adapters_take_the_base_layers_dtype_and_device(dtype):
         x = torch.randn(3, 8, dtype=torch.float64)
         ref = _reference(layer, x, torch.float64, 2.0)
         assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+class _Doubled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def test_a_parametrized_base_weight_takes_the_attribute_path_with_and_without_grad():
+    from torch.nn.utils import parametrize
+
+    layer = make_layer(d_in=8, d_out=6, r=2, lora_alpha=6).double()  # scaling 3
+    w0 = layer.base_layer.weight.detach().clone()
+    parametrize.register_parametrization(layer.base_layer, "weight", _Doubled())
+    assert "weight" not in layer.base_layer._parameters  # no plain parameter: the fallback
+    x = torch.randn(4, 8, dtype=torch.float64)
+    b, a = layer.lora_B.weight.detach(), layer.lora_A.weight.detach()
+    ref = x @ (2 * w0).T + layer.base_layer.bias.detach() + 3.0 * (x @ a.T) @ b.T  # float64
+    with torch.no_grad():
+        fast = layer(x)
+    assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
