@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -247,3 +248,72 @@ def test_a_parametrized_base_weight_takes_the_attribute_path_with_and_without_gr
         fast = layer(x)
     assert torch.allclose(fast, ref, rtol=1e-12, atol=1e-12)
     assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_backward_without_dropout_matches_float64_reference(mode):
+    """p = 0 with grad enabled takes the autograd op (the no-grad kernel has no gradient)."""
+    layer = make_layer(d_in=16, d_out=12, r=4, lora_alpha=12)  # scaling 3
+    layer.train(mode == "train")
+    x = torch.randn(5, 16, requires_grad=True)
+    with warnings.catch_warnings():  # backprop through the no-grad kernel only warns (deprecated)
+        warnings.simplefilter("error")
+        (layer(x) * torch.linspace(-1, 1, 12)).sum().backward()
+    got = (x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)
+    x64 = x.detach().double().requires_grad_(True)
+    a = layer.lora_A.weight.detach().double().requires_grad_(True)
+    b = layer.lora_B.weight.detach().double().requires_grad_(True)
+    w = layer.base_layer
+    y = x64 @ w.weight.double().T + w.bias.double() + 3.0 * (x64 @ a.T) @ b.T  # [5, 12]
+    (y * torch.linspace(-1, 1, 12, dtype=torch.float64)).sum().backward()
+    for g, ref in zip(got, (x64.grad, a.grad, b.grad)):
+        assert g is not None and torch.allclose(g.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_in_training_applies_under_no_grad_too():
+    layer = make_layer(lora_dropout=0.5).train()
+    x = torch.randn(50, 64)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        y = layer(x)
+    torch.manual_seed(3)  # the same mask, in float64
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    w = layer.base_layer
+    ref = lora_linear_reference(
+        x.double(), w.weight.double(), w.bias.double(), layer.lora_A.weight.double(),
+        layer.lora_B.weight.double(), layer.scaling, dropped.double(),
+    )
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    layer.eval()
+    with torch.no_grad():
+        assert not torch.allclose(layer(x), y)  # eval: no dropout
+
+
+class _Siblings(nn.Module):
+    """Three LoRA layers reading the same input (as q / k / v do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = (LoRALinear(nn.Linear(8, n), 2, lora_alpha=6) for n in (6, 4, 5))
+        for layer in (self.q, self.k, self.v):
+            nn.init.normal_(layer.lora_B.weight, std=0.5)
+
+    def forward(self, x):
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_grouped_siblings_give_each_layer_its_own_float64_result(grad):
+    from lora_runtime.adapters.grouping import group_siblings
+
+    model = _Siblings().double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    assert group_siblings(model, x) == [["q", "k", "v"]]
+    assert [layer._slot for layer in (model.q, model.k, model.v)] == [0, 1, 2]
+    with torch.set_grad_enabled(grad):
+        out = model(x)  # [3, 15]
+    refs = [_reference(layer, x, torch.float64, 3.0) for layer in (model.q, model.k, model.v)]
+    assert torch.allclose(out, torch.cat(refs, dim=-1), rtol=1e-12, atol=1e-12)
+    y = model.k(x + 1)  # another input than the leader's: the member computes alone
+    assert torch.allclose(y, _reference(model.k, x + 1, torch.float64, 3.0), rtol=1e-12, atol=1e-12)
