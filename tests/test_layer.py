@@ -68,6 +68,18 @@ def test_disable_and_merged_flags_give_base_output():
     assert torch.equal(layer(x), layer.base_layer(x))
 
 
+def _relative_error_to_dropout_reference(layer: LoRALinear, x: torch.Tensor, y: torch.Tensor, seed: int) -> float:
+    """Max relative error of `y` to the float64 forward with the dropout mask that `seed` draws."""
+    torch.manual_seed(seed)
+    dropped = torch.nn.functional.dropout(x, layer.lora_dropout, training=True)  # the same mask
+    w = layer.base_layer
+    ref = lora_linear_reference(
+        x.double(), w.weight.double(), w.bias.double(), layer.lora_A.weight.double(),
+        layer.lora_B.weight.double(), layer.scaling, dropped.double(),
+    )
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
 def test_dropout_applies_to_lora_branch_only():
     layer = make_layer(lora_dropout=0.5)
     x = torch.randn(200, 64)
@@ -77,15 +89,7 @@ def test_dropout_applies_to_lora_branch_only():
     torch.manual_seed(5)
     y_train = layer(x)
     assert not torch.allclose(y_train, y_eval)
-    # Reproduce the training forward with the same dropout mask, in float64.
-    torch.manual_seed(5)
-    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
-    w = layer.base_layer
-    ref = lora_linear_reference(
-        x.double(), w.weight.double(), w.bias.double(), layer.lora_A.weight.double(),
-        layer.lora_B.weight.double(), layer.scaling, dropped.double(),
-    )
-    assert ((y_train.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert _relative_error_to_dropout_reference(layer, x, y_train, seed=5) < 1e-5
 
 
 def test_dropout_backward_matches_reference():
@@ -276,14 +280,7 @@ def test_dropout_in_training_applies_under_no_grad_too():
     with torch.no_grad():
         torch.manual_seed(3)
         y = layer(x)
-    torch.manual_seed(3)  # the same mask, in float64
-    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
-    w = layer.base_layer
-    ref = lora_linear_reference(
-        x.double(), w.weight.double(), w.bias.double(), layer.lora_A.weight.double(),
-        layer.lora_B.weight.double(), layer.scaling, dropped.double(),
-    )
-    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert _relative_error_to_dropout_reference(layer, x, y, seed=3) < 1e-5
     layer.eval()
     with torch.no_grad():
         assert not torch.allclose(layer(x), y)  # eval: no dropout
