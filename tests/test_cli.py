@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import isolated, snapshot_files
-from tiny_runs import tiny_raw, write_yaml
+from tiny_runs import tiny_raw, write_demo_configs, write_yaml
 
 from lora_runtime.cli import main
 from lora_runtime.config import validate_config
@@ -159,12 +159,7 @@ def steps_of(out_dir) -> list[dict]:
 def test_demo_runs_new_resume_full_and_compares(tmp_path, base_dir, capsys, monkeypatch):
     from lora_runtime.cli import demo
 
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    write_yaml(configs / "lora_new.yaml", tiny_raw("runs/lora_new", base_dir, steps=3))
-    write_yaml(configs / "lora_resume.yaml", tiny_raw("runs/lora_resume", base_dir, mode="resume",
-                                                      lora_path="runs/lora_new/adapter", steps=2))
-    write_yaml(configs / "full.yaml", tiny_raw("runs/full", base_dir, mode="full", steps=2))
+    configs = write_demo_configs(tmp_path / "configs", base_dir, new_steps=3)
     root = tmp_path / "out"
     assert main(["demo", "--configs", str(configs), "--output-root", str(root)]) == 0  # a process per run
     first = {name: steps_of(root / name) for name in demo.RUNS}

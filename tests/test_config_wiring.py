@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import isolated, make_tiny_llama, randomize_lora
 from safetensors.torch import load_file
-from tiny_runs import tiny_raw, write_yaml
+from tiny_runs import quiet, tiny_raw, write_yaml
 from torch import nn
 
 from lora_runtime.adapters import LoRALinear, adapter_disabled, iter_lora_layers, save_adapter
@@ -24,10 +24,6 @@ from lora_runtime.rl.actor_setup import build_actor, ensure_builtin_base
 from lora_runtime.rl.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 def actor_from_yaml(tmp_path, base=None, **model_keys):

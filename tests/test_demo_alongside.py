@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from tiny_runs import tiny_raw, write_yaml
+from tiny_runs import write_demo_configs
 
 from lora_runtime.cli import demo
 
@@ -56,13 +56,7 @@ sys.exit(code)
 
 @pytest.fixture
 def configs(tmp_path, builtin_base):
-    folder = tmp_path / "configs"
-    folder.mkdir()
-    write_yaml(folder / "lora_new.yaml", tiny_raw("runs/lora_new", builtin_base, steps=2))
-    write_yaml(folder / "lora_resume.yaml", tiny_raw("runs/lora_resume", builtin_base, mode="resume",
-                                                     lora_path="runs/lora_new/adapter", steps=2))
-    write_yaml(folder / "full.yaml", tiny_raw("runs/full", builtin_base, mode="full", steps=2))
-    return folder
+    return write_demo_configs(tmp_path / "configs", builtin_base)
 
 
 def fake(monkeypatch, marks, actions: dict[str, str]) -> list[str]:

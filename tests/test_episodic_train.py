@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_episodic import tiny_episodic_raw
+from tiny_runs import quiet
 
 from lora_runtime.adapters import adapter_disabled
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
@@ -25,10 +26,6 @@ EPISODE_KEYS = {"success_rate", "reward_mean", "episode_len", "rollout_s", "trai
                 "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "step", "chance_reward", "lr", "step_time_s"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 def run(raw):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_episodic import tiny_episodic_raw
-from tiny_runs import tiny_raw
+from tiny_runs import quiet, tiny_raw
 
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
 from lora_runtime.config import ConfigError, validate_config
@@ -44,10 +44,6 @@ from lora_runtime.rl.step import Reference
 from lora_runtime.rl.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from tiny_episodic import tiny_episodic_raw
-from tiny_runs import tiny_raw
+from tiny_runs import quiet, tiny_raw
 
 from lora_runtime.config import ConfigError, validate_config
 from lora_runtime.rl.actor_setup import builtin_base_dir, load_base, make_task
@@ -24,10 +24,6 @@ from lora_runtime.rl.tasks.episodic import quiet as env_quiet
 from lora_runtime.rl.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")

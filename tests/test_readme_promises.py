@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama, randomize_lora, snapshot_files
 from safetensors.torch import load_file
-from tiny_runs import tiny_raw
+from tiny_runs import quiet, tiny_raw
 from torch import nn
 
 from lora_runtime.adapters import (
@@ -109,10 +109,6 @@ def base_dir(tmp_path_factory):
     with isolated():
         ensure_builtin_base(validate_config(raw_run(d / "x", d)), log=quiet)
     return d
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 def raw_run(out, base_dir, mode="new", lora_path=None, dropout=0.0, **trainer):

@@ -26,10 +26,6 @@ MEASURED = {"step_time_s", "samples_per_s", "peak_memory_mb", "training_memory_m
 CLI_TIMEOUT_S = 300
 
 
-def quiet(message: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def base_dir(builtin_base):
     return builtin_base  # the session's built-in base (conftest), read only

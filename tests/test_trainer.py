@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import isolated, snapshot_files
 from safetensors.torch import load_file
-from tiny_runs import tiny_raw
+from tiny_runs import quiet, tiny_raw
 
 from lora_runtime.adapters import AdapterError, iter_lora_layers
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
@@ -24,10 +24,6 @@ from lora_runtime.rl.trainer import train
 
 METRIC_KEYS = {"step", "reward_mean", "loss", "kl", "step_time_s", "samples_per_s", "chance_reward",
                "pg_loss", "clip_frac", "entropy", "grad_norm", "reward_std", "lr"}
-
-
-def quiet(message: str) -> None:
-    pass
 
 
 def run(raw, **kwargs):

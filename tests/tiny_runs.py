@@ -31,6 +31,21 @@ def tiny_raw(output_dir, base_dir, mode: str = "new", lora_path=None, **trainer:
     return {"actor": {"model": model, "builtin": copy.deepcopy(BUILTIN)}, "task": dict(TASK), "trainer": cfg}
 
 
+def quiet(message: str) -> None:
+    """A trainer `log` that prints nothing."""
+
+
+def write_demo_configs(folder, base_dir, new_steps: int = 2):
+    """`lora_new.yaml`, `lora_resume.yaml` (from the new run's adapter) and `full.yaml` at toy
+    sizes in `folder`, as `lora-runtime demo --configs` reads them; returns `folder`."""
+    folder.mkdir(exist_ok=True)
+    write_yaml(folder / "lora_new.yaml", tiny_raw("runs/lora_new", base_dir, steps=new_steps))
+    write_yaml(folder / "lora_resume.yaml", tiny_raw("runs/lora_resume", base_dir, mode="resume",
+                                                     lora_path="runs/lora_new/adapter", steps=2))
+    write_yaml(folder / "full.yaml", tiny_raw("runs/full", base_dir, mode="full", steps=2))
+    return folder
+
+
 def write_yaml(path, raw: dict[str, Any]) -> str:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return str(path)
