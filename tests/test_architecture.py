@@ -25,6 +25,7 @@ ALLOWED = {("lora_runtime.cli", "lora_runtime.bench.main")}
 # first matching prefix wins; a module's layer is the number
 LAYERS = (
     ("lora_runtime.config", 0),
+    ("lora_runtime.errors", 0),
     ("lora_runtime._fs", 0),
     ("lora_runtime._dist", 0),
     ("lora_runtime.ops", 0),

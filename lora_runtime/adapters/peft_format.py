@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_runtime.adapters.targets import inside_any, iter_lora_layers, matches_target, unwrap_model
+from lora_runtime.errors import AdapterError
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -37,10 +38,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 # `<prefix?><path>.lora_A[.<adapter name>].weight`; PEFT drops the name "default" on save.
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot be saved or loaded; the message says what and where."""
 
 
 # ----------------------------------------------------------------------------- writing

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from lora_runtime.cli.console import print_table
 from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED
 from lora_runtime.config import load_config
-from lora_runtime.rl.outputs import UsageError, read_metrics
+from lora_runtime.errors import UsageError
+from lora_runtime.rl.outputs import read_metrics
 
 RUNS = ("lora_new", "lora_resume", "full")
 ALONGSIDE = "full"  # the run that does not depend on the others: it runs next to them

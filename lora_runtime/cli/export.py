@@ -21,9 +21,9 @@ from torch import nn
 from lora_runtime.cli.commands import check_not_in_run
 from lora_runtime.config import load_config
 from lora_runtime.deploy import export_aoti, export_torchscript, needs_op_library
+from lora_runtime.errors import UsageError
 from lora_runtime.rl.actor_setup import build_actor, make_task
 from lora_runtime.rl.models.vla import TinyVLA
-from lora_runtime.rl.outputs import UsageError
 
 SUFFIX = {"torchscript": ".pt", "aoti": ".pt2"}
 
