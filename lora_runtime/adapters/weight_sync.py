@@ -1,4 +1,5 @@
-"""Exporting the actor's current weights, e.g. to a rollout engine.
+"""Weight sync: the actor's current weights handed to a rollout engine, in memory (files for
+deployment are `lora_runtime.deploy`'s).
 
 Two payloads:
 
