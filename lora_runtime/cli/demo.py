@@ -126,8 +126,8 @@ def _build_base(run: DemoRun) -> None:
     cfg = load_config(run.config, run.overrides)
     if cfg.actor.model.model_path is not None:
         return
+    from lora_runtime._threads import num_threads  # deferred: loads torch
     from lora_runtime.rl.actor_setup import ensure_builtin_base  # deferred: loads torch
-    from lora_runtime.rl.run_control import num_threads  # deferred: loads torch
 
     with num_threads(cfg.trainer.num_threads):
         ensure_builtin_base(cfg)
