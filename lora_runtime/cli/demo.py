@@ -10,7 +10,6 @@ either stops the demo with that run's exit status; Ctrl-C reaches both (each sav
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lora_runtime._fs import read_json_object
 from lora_runtime.cli.console import print_table
 from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED
 from lora_runtime.config import load_config
@@ -166,8 +166,7 @@ def print_comparison(runs: Sequence[DemoRun], total_s: float) -> None:
     rows, notes = [], []
     summaries = {}
     for run in runs:
-        with open(os.path.join(run.output_dir, "summary.json"), encoding="utf-8") as f:
-            s = json.load(f)
+        s = read_json_object(os.path.join(run.output_dir, "summary.json"))
         summaries[run.name] = s
         steps = read_metrics(os.path.join(run.output_dir, "metrics.jsonl"))
         rows.append((
