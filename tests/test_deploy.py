@@ -117,3 +117,11 @@ def test_export_refuses_bad_paths_and_methods(tmp_path):
     with pytest.raises(ValueError, match="method='jit'; allowed"):
         export_torchscript(model, (x,), tmp_path / "m.pt", method="jit")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_replaces_an_existing_file_and_leaves_nothing_else(tmp_path):
+    model, x = mlp(), torch.randn(2, 8)
+    (tmp_path / "m.pt").write_bytes(b"an earlier export")
+    export_torchscript(model, (x,), tmp_path / "m.pt", method="trace")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left beside it
+    torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), model(x), rtol=0, atol=0)

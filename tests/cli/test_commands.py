@@ -331,12 +331,14 @@ def test_export_torchscript_of_the_trained_actor_runs_in_a_fresh_process(tmp_pat
         (["--format", "torchscript", "--out", "{tmp}/a.pt2"], ["export --out", "must end with '.pt'"]),
         (["--format", "aoti", "--out", "{tmp}/nodir/a.pt2"], ["export --out", "does not exist"]),
         (["--format", "aoti", "--out", "{tmp}/c.yaml"], ["must end with '.pt2'"]),
+        (["--format", "torchscript", "--out", "{tmp}/old.pt"], ["export --out", "old.pt' already exists"]),
         (["--format", "torchscript", "--out", "{tmp}/a.pt", "--set", "actor.model.lora_path=null"], ["lora_path is null", "nothing trained"]),
     ],
 )
 def test_export_bad_input_exit_2_and_writes_nothing(tmp_path, trained, capsys, extra, patterns):
     config, out = trained
     (tmp_path / "c.yaml").write_text(Path(config).read_text())
+    (tmp_path / "old.pt").write_bytes(b"an earlier export")
     before = snapshot_files(tmp_path)
     argv = ["export", str(tmp_path / "c.yaml"), "--set", f"actor.model.lora_path={out / 'adapter'}"]
     assert_usage_error(capsys, argv + [a.format(tmp=tmp_path) for a in extra], *patterns)
