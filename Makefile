@@ -61,7 +61,7 @@ bench: install
 	$(BIN)/lora-runtime bench
 
 lint: install
-	$(PY) -m ruff check lora_runtime tests bench
+	$(PY) -m ruff check lora_runtime tests bench tools
 
 clean:
 	rm -rf build *.egg-info lora_runtime/ops/_C*.so
