@@ -13,7 +13,7 @@
 // rounded once to W's dtype, exactly as merged_weight() does. The checksum is the int64 sum of
 // W's bit patterns read as signed integers of W's width (adapters/merge_bits.checksum).
 // Mask layout: bit j of byte i flags element 8i + j of the flattened weight (merge_bits.pack).
-// CPU only; other devices use the tensor-op path of merge.py.
+// CPU only (schemas in library.cpp); other devices use the tensor-op path of merge.py.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -111,7 +111,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> enter_impl(at::Tensor
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
   const int64_t patch_bytes = patched ? patched * static_cast<int64_t>(sizeof(T)) + (n + 7) / 8 : 0;
   const bool use_copy = patch_bytes >= bytes && bytes > 0;
-  at::Tensor copy = use_copy ? w.clone() : at::empty({0}, w.options());
+  std::vector<int64_t> no_rows(w.sizes().begin(), w.sizes().end());  // [0, in]: no copy
+  if (!no_rows.empty()) no_rows[0] = 0;
+  at::Tensor copy = use_copy ? w.clone() : at::empty(no_rows, w.options());
   at::Tensor values = at::empty({use_copy ? 0 : patched}, w.options());
   T* vd = values.data_ptr<T>();
   // Pass 2: keep the missed originals (patch store), write M over W.
@@ -182,7 +184,7 @@ at::Tensor leave_impl(at::Tensor& w, const at::Tensor& p, double scaling, const 
 }  // namespace
 
 // Returns (mask uint8 [ceil(n/8)] or [0] when nothing is patched or a copy is kept,
-//          values [n_patched] in W's dtype, copy [out, in] or [0], checksum int64 scalar).
+//          values [n_patched] in W's dtype, copy [out, in] or [0, in], checksum int64 scalar).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_enter(at::Tensor weight,
                                                                       const at::Tensor& product,
                                                                       double scaling) {
@@ -207,13 +209,6 @@ at::Tensor merge_leave(at::Tensor weight, const at::Tensor& product, double scal
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "merge_leave",
                                   [&] { out = leave_impl<scalar_t>(weight, product, scaling, mask, values); });
   return out;
-}
-
-TORCH_LIBRARY_FRAGMENT(lora_runtime, m) {
-  m.def("merge_enter(Tensor(a!) weight, Tensor product, float scaling) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
-  m.def("merge_leave(Tensor(a!) weight, Tensor product, float scaling, Tensor mask, "
-        "Tensor values) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_runtime, CPU, m) {
