@@ -1,4 +1,4 @@
-"""The exact, reversible merge of one weight in two passes (`csrc/merge_exact.cpp`).
+"""The exact, reversible merge of one weight in one pass each way (`csrc/merge_exact.cpp`).
 
 `merge_enter(weight, product, scaling)` writes `round(W + scaling * product)` into `weight`
 and returns what gives W back bit for bit: a packed mask and the original values of the
