@@ -8,7 +8,8 @@
 // Python formula did. Under torch.compile, AOTAutograd traces through this kernel to
 // lora_linear_fwd / lora_linear_bwd, whose fake kernels are in lora_runtime/ops/lora_linear.py
 // (lora_group_*: lora_runtime/ops/lora_group.py).
-#include <ATen/core/Tensor.h>
+#include "common.h"
+
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -23,40 +24,30 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-    const at::Tensor&, double, const c10::optional<at::Tensor>&)>&
-fwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lora_runtime::lora_linear_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-              const at::Tensor&, const at::Tensor&, double, const c10::optional<at::Tensor>&)>();
+// The kernels below autograd, called through the dispatcher (so compile and export see them).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const c10::TypedOperatorHandle<decltype(lora_linear_fwd)>& fwd_op() {
+  static const auto op = find_op<decltype(lora_linear_fwd)>("lora_runtime::lora_linear_fwd");
   return op;
 }
 
-using BwdResult =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-const c10::TypedOperatorHandle<BwdResult(
-    const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const c10::optional<at::Tensor>&, double,
-    const c10::optional<at::Tensor>&, std::array<bool, 6>)>&
-bwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lora_runtime::lora_linear_bwd", "")
-          .typed<BwdResult(const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                           double, const c10::optional<at::Tensor>&, std::array<bool, 6>)>();
+const c10::TypedOperatorHandle<decltype(lora_linear_bwd)>& bwd_op() {
+  static const auto op = find_op<decltype(lora_linear_bwd)>("lora_runtime::lora_linear_bwd");
   return op;
 }
 
-bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+const c10::TypedOperatorHandle<decltype(lora_group_fwd)>& group_fwd_op() {
+  static const auto op = find_op<decltype(lora_group_fwd)>("lora_runtime::lora_group_fwd");
+  return op;
+}
 
-c10::optional<at::Tensor> maybe(const at::Tensor& t) {
-  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+const c10::TypedOperatorHandle<decltype(lora_group_bwd)>& group_bwd_op() {
+  static const auto op = find_op<decltype(lora_group_bwd)>("lora_runtime::lora_group_bwd");
+  return op;
 }
 
 class LoRALinearFunction : public torch::autograd::Function<LoRALinearFunction> {
@@ -129,29 +120,6 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_autograd(
   return {out[0], out[1]};
 }
 
-
-using GroupFwdResult = std::tuple<std::vector<at::Tensor>, at::Tensor>;
-using GroupFwdSig = GroupFwdResult(const at::Tensor&, at::TensorList,
-                                   const c10::List<c10::optional<at::Tensor>>&, const at::Tensor&,
-                                   at::TensorList, at::ArrayRef<double>);
-using GroupBwdResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>;
-using GroupBwdSig = GroupBwdResult(const c10::List<c10::optional<at::Tensor>>&, const at::Tensor&,
-                                   at::TensorList, const at::Tensor&, at::TensorList,
-                                   const at::Tensor&, at::ArrayRef<double>, bool, bool, bool);
-
-const c10::TypedOperatorHandle<GroupFwdSig>& group_fwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_runtime::lora_group_fwd", "")
-                             .typed<GroupFwdSig>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<GroupBwdSig>& group_bwd_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lora_runtime::lora_group_bwd", "")
-                             .typed<GroupBwdSig>();
-  return op;
-}
 
 // lora_group_fwd's formula: the base weights and biases are frozen (the caller groups only
 // such layers), so the backward gives gradients of x, the stacked A and every B_i.

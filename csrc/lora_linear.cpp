@@ -1,38 +1,27 @@
 // Fused LoRA linear: y = x @ W.T + b + s * (x_l @ A.T) @ B.T, with x_l = x unless a
 // separate LoRA-branch input (x after dropout) is given.
 //
-// Ops (schemas in TORCH_LIBRARY below):
-//   lora_linear      public op; CompositeImplicitAutograd, calls lora_linear_fwd and
-//                    keeps its first output, so torch.export graphs show lora_linear.
-//   lora_linear_fwd  forward kernel; returns (y, h) with h = x_l @ A.T [N, r], which
-//                    the backward reuses instead of recomputing. Autograd is registered
-//                    in Python (lora_runtime/ops.py) with torch.library.register_autograd.
-//   lora_linear_bwd  backward kernel; computes only the gradients asked for.
-//
-// The kernels are plain ATen calls, so the same code serves every device; it is
-// registered for CPU and CUDA.
-#include <Python.h>  // PyInit__C below
+// Kernels (schemas in library.cpp):
+//   lora_linear        public op; CompositeImplicitAutograd, calls lora_linear_fwd and keeps
+//                      its first output, so torch.export graphs show lora_linear.
+//   lora_linear_fwd    forward; returns (y, h) with h = x_l @ A.T [..., r], which the backward
+//                      reuses instead of recomputing. Its autograd formula is C++
+//                      (lora_autograd.cpp, the Autograd key).
+//   lora_linear_bwd    backward; computes only the gradients asked for.
+//   lora_linear_infer  the same forward and checks under an op with no autograd formula, for
+//                      no-grad calls (lora_runtime/ops/infer.py); no lora_input, and the base
+//                      GEMM as a plain mm (decode sizes).
+// The kernels are ATen calls, so one registration (CompositeExplicitAutograd) serves every
+// device; the Autograd kernel sits above it.
+#include "common.h"
 
-#include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
-#include <array>
-#include <tuple>
-#include <vector>
-
 namespace lora_runtime {
 namespace {
-
-void check_same(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lora_linear: ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type(),
-              "; all tensors must share one dtype");
-  TORCH_CHECK(t.device() == x.device(), "lora_linear: ", name, " is on ", t.device(),
-              " but x is on ", x.device(), "; all tensors must be on one device");
-}
 
 // Validates shapes, dtypes and devices; returns in_features.
 int64_t check_inputs(const at::Tensor& x, const at::Tensor& weight,
@@ -55,54 +44,67 @@ int64_t check_inputs(const at::Tensor& x, const at::Tensor& weight,
               "lora_linear: lora_b must be [out, r] = [", out, ", ", r,
               "], got lora_b.shape=", lora_b.sizes(), " (weight.shape=", weight.sizes(),
               ", lora_a.shape=", lora_a.sizes(), ")");
-  check_same(weight, "weight", x);
-  check_same(lora_a, "lora_a", x);
-  check_same(lora_b, "lora_b", x);
-  if (bias.has_value() && bias->defined()) {
+  check_same("lora_linear", weight, "weight", x);
+  check_same("lora_linear", lora_a, "lora_a", x);
+  check_same("lora_linear", lora_b, "lora_b", x);
+  if (defined(bias)) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out,
                 "lora_linear: bias must be [out] = [", out, "], got bias.shape=",
                 bias->sizes(), " (weight.shape=", weight.sizes(), ")");
-    check_same(*bias, "bias", x);
+    check_same("lora_linear", *bias, "bias", x);
   }
-  if (lora_input.has_value() && lora_input->defined()) {
+  if (defined(lora_input)) {
     TORCH_CHECK(lora_input->sizes() == x.sizes(),
                 "lora_linear: lora_input must have x's shape ", x.sizes(), ", got ",
                 lora_input->sizes());
-    check_same(*lora_input, "lora_input", x);
+    check_same("lora_linear", *lora_input, "lora_input", x);
   }
   return in;
 }
 
-std::vector<int64_t> with_last(at::IntArrayRef shape, int64_t last) {
-  std::vector<int64_t> s(shape.begin(), shape.end());
-  s.back() = last;
-  return s;
-}
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(
+std::tuple<at::Tensor, at::Tensor> linear_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
-    const c10::optional<at::Tensor>& lora_input) {
+    const c10::optional<at::Tensor>& lora_input, bool lora_first) {
   const int64_t in = check_inputs(x, weight, bias, lora_a, lora_b, lora_input);
   const at::Tensor x2 = x.reshape({-1, in});  // [N, in]; copies only if x is not viewable
-  const at::Tensor xl2 =
-      (lora_input.has_value() && lora_input->defined()) ? lora_input->reshape({-1, in}) : x2;
+  const at::Tensor xl2 = defined(lora_input) ? lora_input->reshape({-1, in}) : x2;
   at::Tensor h = at::mm(xl2, lora_a.t());  // [N, r]
   at::Tensor y;                            // [N, out]
-  if (bias.has_value() && bias->defined()) {
-    y = at::addmm(*bias, x2, weight.t());              // bias fused into the base GEMM
+  if (defined(bias)) {
+    y = at::addmm(*bias, x2, weight.t());                    // bias fused into the base GEMM
     y.addmm_(h, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);  // y += s * h @ B.T
-  } else {
+  } else if (lora_first) {
     // The rank-r product writes y first (beta=0: y is not read, s folded into alpha);
     // the base GEMM then accumulates into it, reading y inside its compute-bound
     // kernel instead of in a separate read-modify-write pass over [N, out].
     y = at::empty({x2.size(0), weight.size(0)}, x2.options());
     y.addmm_(h, lora_b.t(), /*beta=*/0, /*alpha=*/scaling);  // y = s * h @ B.T
     y.addmm_(x2, weight.t());                                // y += x @ W.T
+  } else {
+    // At a few tokens an accumulating base GEMM costs more than a plain one.
+    y = at::mm(x2, weight.t());
+    y.addmm_(h, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);  // y += s * h @ B.T
   }
-  return {y.view(with_last(x.sizes(), weight.size(0))), h.view(with_last(x.sizes(), lora_a.size(0)))};
+  return {y.view(with_last(x.sizes(), weight.size(0))),
+          h.view(with_last(x.sizes(), lora_a.size(0)))};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling,
+    const c10::optional<at::Tensor>& lora_input) {
+  return linear_forward(x, weight, bias, lora_a, lora_b, scaling, lora_input,
+                        /*lora_first=*/true);
+}
+
+at::Tensor lora_linear_infer(const at::Tensor& x, const at::Tensor& weight,
+                             const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                             const at::Tensor& lora_b, double scaling) {
+  return std::get<0>(linear_forward(x, weight, bias, lora_a, lora_b, scaling, c10::nullopt,
+                                    /*lora_first=*/false));
 }
 
 at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -117,22 +119,21 @@ at::Tensor lora_linear(const at::Tensor& x, const at::Tensor& weight,
 
 // Returns (dx, dweight, dbias, dlora_a, dlora_b, dlora_input); an entry whose
 // output_mask is false is an empty tensor of shape [0].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-lora_linear_bwd(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
-                const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-                const c10::optional<at::Tensor>& h, double scaling,
-                const c10::optional<at::Tensor>& lora_input, std::array<bool, 6> output_mask) {
+LinearBwdResult lora_linear_bwd(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                                const at::Tensor& weight, const at::Tensor& lora_a,
+                                const at::Tensor& lora_b, const c10::optional<at::Tensor>& h,
+                                double scaling, const c10::optional<at::Tensor>& lora_input,
+                                std::array<bool, 6> output_mask) {
   const int64_t in = weight.size(1);
   const int64_t out = weight.size(0);
-  const bool separate_lora_input = lora_input.has_value() && lora_input->defined();
+  const bool separate_lora_input = defined(lora_input);
   const auto [need_x, need_w, need_b, need_a, need_lb, need_li] = output_mask;
   TORCH_CHECK(grad.size(-1) == out, "lora_linear_bwd: grad has ", grad.size(-1),
               " features but weight.shape=", weight.sizes());
   const bool need_x_input = need_w || (need_a && !separate_lora_input);
-  TORCH_CHECK(!need_x_input || (x.has_value() && x->defined()),
+  TORCH_CHECK(!need_x_input || defined(x),
               "lora_linear_bwd: x is required for the requested gradients");
-  TORCH_CHECK(!need_lb || (h.has_value() && h->defined()),
-              "lora_linear_bwd: h is required for dlora_b");
+  TORCH_CHECK(!need_lb || defined(h), "lora_linear_bwd: h is required for dlora_b");
 
   const at::Tensor g2 = grad.reshape({-1, out});  // [N, out]
   const auto empty = [&] { return at::empty({0}, grad.options()); };
@@ -178,34 +179,14 @@ lora_linear_bwd(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
   return {dx, dw, db, da, dlb, dli};
 }
 
-TORCH_LIBRARY(lora_runtime, m) {
-  m.def("lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-        "float scaling, Tensor? lora_input=None) -> Tensor");
-  m.def("lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
-        "Tensor lora_b, float scaling, Tensor? lora_input=None) -> (Tensor, Tensor)");
-  m.def("lora_linear_bwd(Tensor grad, Tensor? x, Tensor weight, Tensor lora_a, "
-        "Tensor lora_b, Tensor? h, float scaling, Tensor? lora_input, bool[6] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(lora_runtime, CompositeImplicitAutograd, m) {
   m.impl("lora_linear", &lora_linear);
 }
 
-TORCH_LIBRARY_IMPL(lora_runtime, CPU, m) {
+TORCH_LIBRARY_IMPL(lora_runtime, CompositeExplicitAutograd, m) {
   m.impl("lora_linear_fwd", &lora_linear_fwd);
   m.impl("lora_linear_bwd", &lora_linear_bwd);
-}
-
-TORCH_LIBRARY_IMPL(lora_runtime, CUDA, m) {
-  m.impl("lora_linear_fwd", &lora_linear_fwd);
-  m.impl("lora_linear_bwd", &lora_linear_bwd);
+  m.impl("lora_linear_infer", &lora_linear_infer);
 }
 
 }  // namespace lora_runtime
-
-// `import lora_runtime.ops._C` loads this library, which runs the registrations above.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

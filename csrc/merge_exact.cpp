@@ -1,5 +1,5 @@
-// The exact, reversible merge of merged(...) (lora_runtime/adapters/merge.py) in two passes
-// over a layer's weight instead of about twenty:
+// The exact, reversible merge of merged(...) (lora_runtime/adapters/merge.py) in one pass
+// over a layer's weight each way (the tensor-op path takes about twenty):
 //
 //   merge_enter(W, P, s): M = round(W + s * P), written into W in place; returns what gives W
 //                         back bit for bit: a packed mask of the elements where
@@ -13,7 +13,10 @@
 // rounded once to W's dtype, exactly as merged_weight() does. The checksum is the int64 sum of
 // W's bit patterns read as signed integers of W's width (adapters/merge_bits.checksum).
 // Mask layout: bit j of byte i flags element 8i + j of the flattened weight (merge_bits.pack).
-// CPU only; other devices use the tensor-op path of merge.py.
+// CPU only (schemas in library.cpp); other devices use the tensor-op path of merge.py.
+// merge_enter keeps each parallel block's flagged originals as it goes and gathers them
+// after, so W is read once; in the rare case where the copy is the smaller store (nearly
+// every element flagged) it rebuilds W beside M from them, in a second pass.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,6 +24,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
@@ -30,7 +34,7 @@
 namespace lora_runtime {
 namespace {
 
-constexpr int64_t kBlock = 1 << 14;  // elements per parallel block (a multiple of 8)
+constexpr int64_t kBlock = 1 << 14;  // elements per parallel block (a multiple of kChunk)
 
 template <typename T>
 struct Bits {
@@ -63,6 +67,82 @@ void check_args(const at::Tensor& w, const at::Tensor& p, const char* op) {
               w.scalar_type(), " weight, got ", p.scalar_type());
 }
 
+// The per-element loops below are written so that the compiler vectorises them (no branch,
+// no bit packing inside); on x86-64 with GCC each is also built for AVX2 and picked at load
+// time. Vector adds, multiplies and conversions round exactly as the scalar ones, and
+// -ffp-contract=off keeps `W + s * P` two roundings, so the results are the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LORA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LORA_VECTOR_CLONES
+#endif
+
+// Rounds to W's dtype as static_cast does; for bfloat16 without c10's NaN branch (same bits:
+// nearest even, NaN as 0x7FC0), so that the loops around it vectorise.
+template <typename T>
+inline T round_to(acc_of<T> v) {
+  return static_cast<T>(v);
+}
+
+template <>
+inline c10::BFloat16 round_to<c10::BFloat16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const auto rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return c10::BFloat16(nan ? static_cast<uint16_t>(0x7FC0) : rounded, c10::BFloat16::from_bits());
+}
+
+constexpr int64_t kChunk = 512;  // elements per inner step: 64 mask bytes, kept in L1
+
+template <typename T>
+inline uint64_t bits_sum(const T* w, int64_t len) {  // the checksum's part over w[0, len)
+  uint64_t sum = 0;  // unsigned: wraps like torch's int64 sum
+  for (int64_t j = 0; j < len; ++j) sum += static_cast<uint64_t>(static_cast<int64_t>(bits_of(w[j])));
+  return sum;
+}
+
+// Enters w[0, len) (len <= kChunk): writes M = round(W + s P) over w and the chunk's mask
+// bytes, appends the originals of the flagged elements to `kept`; returns W's checksum part.
+template <typename T>
+LORA_VECTOR_CLONES uint64_t enter_chunk(T* w, const acc_of<T>* p, acc_of<T> s, int64_t len,
+                                        uint8_t* mask, std::vector<T>& kept) {
+  using A = acc_of<T>;
+  T merged[kChunk];
+  uint8_t miss[kChunk];
+  const uint64_t sum = bits_sum(w, len);
+  for (int64_t j = 0; j < len; ++j) {
+    const A d = p[j] * s;
+    const T m = round_to<T>(static_cast<A>(w[j]) + d);
+    const T back = round_to<T>(static_cast<A>(m) - d);  // what merge_leave will compute
+    miss[j] = bits_of(back) != bits_of(w[j]);
+    merged[j] = m;
+  }
+  for (int64_t byte = 0; byte * 8 < len; ++byte) {
+    uint8_t flags = 0;
+    for (int64_t j = 0; j < 8 && byte * 8 + j < len; ++j) flags |= miss[byte * 8 + j] << j;
+    mask[byte] = flags;
+    for (uint8_t f = flags; f; f &= f - 1) kept.push_back(w[byte * 8 + __builtin_ctz(f)]);
+  }
+  std::memcpy(static_cast<void*>(w), merged, len * sizeof(T));
+  return sum;
+}
+
+// Leaves w[0, len): w <- round(M - s P), the flagged elements from `*values` (advanced past
+// them); returns the restored weight's checksum part. `mask` null: nothing flagged.
+template <typename T>
+LORA_VECTOR_CLONES uint64_t leave_chunk(T* w, const acc_of<T>* p, acc_of<T> s, int64_t len,
+                                        const uint8_t* mask, const T** values) {
+  using A = acc_of<T>;
+  for (int64_t j = 0; j < len; ++j) w[j] = round_to<T>(static_cast<A>(w[j]) - p[j] * s);
+  if (mask) {
+    for (int64_t byte = 0; byte * 8 < len; ++byte) {
+      for (uint8_t f = mask[byte]; f; f &= f - 1) w[byte * 8 + __builtin_ctz(f)] = *(*values)++;
+    }
+  }
+  return bits_sum(w, len);
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> enter_impl(at::Tensor& w,
                                                                      const at::Tensor& p,
@@ -75,28 +155,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> enter_impl(at::Tensor
   const A s = static_cast<A>(scaling);
   at::Tensor mask = at::empty({(n + 7) / 8}, w.options().dtype(at::kByte));
   uint8_t* md = mask.data_ptr<uint8_t>();
-  std::vector<int64_t> counts(blocks, 0);
-  std::vector<uint64_t> sums(blocks, 0);  // unsigned: wraps like torch's int64 sum
-  // Pass 1: which elements the restore's round(M - s P) would miss, and W's checksum.
+  std::vector<std::vector<T>> kept(blocks);  // each block's flagged originals, in order
+  std::vector<uint64_t> sums(blocks, 0);
+  // One pass: flag the elements the restore's round(M - s P) would miss, keep their
+  // originals, write M over W, sum W's bit patterns.
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
-      int64_t count = 0;
       uint64_t sum = 0;
-      for (int64_t byte = lo / 8; byte < (hi + 7) / 8; ++byte) {
-        uint8_t flags = 0;
-        for (int64_t i = byte * 8, j = 0; j < 8 && i < hi; ++i, ++j) {
-          const A d = pd[i] * s;
-          const T m = static_cast<T>(static_cast<A>(wd[i]) + d);
-          const T c = static_cast<T>(static_cast<A>(m) - d);
-          const bool miss = bits_of(c) != bits_of(wd[i]);
-          flags |= static_cast<uint8_t>(miss) << j;
-          count += miss;
-          sum += static_cast<uint64_t>(static_cast<int64_t>(bits_of(wd[i])));
-        }
-        md[byte] = flags;
+      for (int64_t i = lo; i < hi; i += kChunk) {
+        sum += enter_chunk<T>(wd + i, pd + i, s, std::min(kChunk, hi - i), md + i / 8, kept[b]);
       }
-      counts[b] = count;
       sums[b] = sum;
     }
   });
@@ -105,26 +174,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> enter_impl(at::Tensor
   std::vector<int64_t> offsets(blocks, 0);
   for (int64_t b = 0; b < blocks; ++b) {
     offsets[b] = patched;
-    patched += counts[b];
+    patched += static_cast<int64_t>(kept[b].size());
     checksum += sums[b];
   }
   const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
   const int64_t patch_bytes = patched ? patched * static_cast<int64_t>(sizeof(T)) + (n + 7) / 8 : 0;
   const bool use_copy = patch_bytes >= bytes && bytes > 0;
-  at::Tensor copy = use_copy ? w.clone() : at::empty({0}, w.options());
+  std::vector<int64_t> no_rows(w.sizes().begin(), w.sizes().end());  // [0, in]: no copy
+  if (!no_rows.empty()) no_rows[0] = 0;
+  at::Tensor copy = at::empty(use_copy ? w.sizes().vec() : no_rows, w.options());
   at::Tensor values = at::empty({use_copy ? 0 : patched}, w.options());
-  T* vd = values.data_ptr<T>();
-  // Pass 2: keep the missed originals (patch store), write M over W.
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
-      int64_t k = offsets[b];
-      for (int64_t i = lo; i < hi; ++i) {
-        if (!use_copy && ((md[i >> 3] >> (i & 7)) & 1)) vd[k++] = wd[i];
-        wd[i] = static_cast<T>(static_cast<A>(wd[i]) + pd[i] * s);
+  if (use_copy) {
+    // Rebuild W beside M (rare: nearly every element was flagged): the flagged elements from
+    // what was kept, the others as round(M - s P), which is W by the test that flagged them.
+    T* cd = copy.data_ptr<T>();
+    std::memcpy(static_cast<void*>(cd), wd, bytes);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
+        const T* vals = kept[b].data();
+        for (int64_t i = lo; i < hi; i += kChunk) {
+          leave_chunk<T>(cd + i, pd + i, s, std::min(kChunk, hi - i), md + i / 8, &vals);
+        }
       }
-    }
-  });
+    });
+  } else if (patched) {
+    T* vd = values.data_ptr<T>();
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        std::copy(kept[b].begin(), kept[b].end(), vd + offsets[b]);
+      }
+    });
+  }
   if (use_copy || patched == 0) mask = at::empty({0}, mask.options());
   return {mask, values, copy, at::scalar_tensor(use_copy ? 0 : static_cast<int64_t>(checksum), at::kLong)};
 }
@@ -164,12 +245,11 @@ at::Tensor leave_impl(at::Tensor& w, const at::Tensor& p, double scaling, const 
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t lo = b * kBlock, hi = std::min(n, lo + kBlock);
-      int64_t k = offsets[b];
+      const T* vals = vd ? vd + offsets[b] : nullptr;
       uint64_t sum = 0;
-      for (int64_t i = lo; i < hi; ++i) {
-        const bool patched = has_mask && ((md[i >> 3] >> (i & 7)) & 1);
-        wd[i] = patched ? vd[k++] : static_cast<T>(static_cast<A>(wd[i]) - pd[i] * s);
-        sum += static_cast<uint64_t>(static_cast<int64_t>(bits_of(wd[i])));
+      for (int64_t i = lo; i < hi; i += kChunk) {
+        sum += leave_chunk<T>(wd + i, pd + i, s, std::min(kChunk, hi - i),
+                              has_mask ? md + i / 8 : nullptr, &vals);
       }
       sums[b] = sum;
     }
@@ -182,7 +262,7 @@ at::Tensor leave_impl(at::Tensor& w, const at::Tensor& p, double scaling, const 
 }  // namespace
 
 // Returns (mask uint8 [ceil(n/8)] or [0] when nothing is patched or a copy is kept,
-//          values [n_patched] in W's dtype, copy [out, in] or [0], checksum int64 scalar).
+//          values [n_patched] in W's dtype, copy [out, in] or [0, in], checksum int64 scalar).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merge_enter(at::Tensor weight,
                                                                       const at::Tensor& product,
                                                                       double scaling) {
@@ -207,13 +287,6 @@ at::Tensor merge_leave(at::Tensor weight, const at::Tensor& product, double scal
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "merge_leave",
                                   [&] { out = leave_impl<scalar_t>(weight, product, scaling, mask, values); });
   return out;
-}
-
-TORCH_LIBRARY_FRAGMENT(lora_runtime, m) {
-  m.def("merge_enter(Tensor(a!) weight, Tensor product, float scaling) -> "
-        "(Tensor, Tensor, Tensor, Tensor)");
-  m.def("merge_leave(Tensor(a!) weight, Tensor product, float scaling, Tensor mask, "
-        "Tensor values) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lora_runtime, CPU, m) {

@@ -1,7 +1,7 @@
 """The library on a CUDA device, against float64 references on the CPU.
 
 Skipped where torch sees no GPU (this project's CI has none); run on a lent GPU machine with
-`python -m pytest tests/test_cuda.py`. The LoRA ops are ATen calls registered for the CUDA key
+`python -m pytest tests/test_cuda.py`. The LoRA ops are ATen calls registered once for every device
 (csrc/README.md), and `merged()` takes the tensor-op store on devices other than the CPU:
 these tests pin both, plus the patched model (grouped siblings included), torch.compile and
 the adapter files written from GPU tensors.

@@ -3,7 +3,7 @@
 Per layer the smaller exact store is kept (see `adapters/merge.py`): a patch (a bitmask of
 the elements where `round(M - delta)` misses W, and their original values) or a plain copy
 of W. On CPU with the extension loaded both directions are one fused C++ op each
-(`ops.merge_exact`: two passes over the weight); elsewhere (GPU, no extension) the same
+(`ops.merge_exact`: one pass over the weight each way); elsewhere (GPU, no extension) the same
 arithmetic runs as tensor ops.
 """
 

@@ -5,6 +5,7 @@
 same formula in plain PyTorch. Nothing here imports any other part of the package.
 """
 
+from lora_runtime.ops import infer, merge_exact  # noqa: F401  (registers their fake kernels)
 from lora_runtime.ops._extension import extension_error, extension_loaded, library_path
 from lora_runtime.ops.lora_group import lora_group, lora_group_reference
 from lora_runtime.ops.lora_linear import lora_linear

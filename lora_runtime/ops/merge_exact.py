@@ -1,4 +1,4 @@
-"""The exact, reversible merge of one weight in two passes (`csrc/merge_exact.cpp`).
+"""The exact, reversible merge of one weight in one pass each way (`csrc/merge_exact.cpp`).
 
 `merge_enter(weight, product, scaling)` writes `round(W + scaling * product)` into `weight`
 and returns what gives W back bit for bit: a packed mask and the original values of the
@@ -81,3 +81,20 @@ def merge_leave(weight: torch.Tensor, product: torch.Tensor, scaling: float,
     """
     mask = store.mask if store.mask is not None else weight.new_empty(0, dtype=torch.uint8)
     return int(torch.ops.lora_runtime.merge_leave(weight, product, scaling, mask, store.values))
+
+
+if extension_loaded():
+
+    @torch.library.register_fake("lora_runtime::merge_enter")
+    def _merge_enter_fake(weight, product, scaling):
+        # mask, values and copy have data-dependent sizes (which store is smaller depends on
+        # how many elements the restore would miss).
+        ctx = torch.library.get_ctx()
+        mask = weight.new_empty((ctx.new_dynamic_size(),), dtype=torch.uint8)
+        values = weight.new_empty((ctx.new_dynamic_size(),))
+        copy = weight.new_empty((ctx.new_dynamic_size(), *weight.shape[1:]))  # [out | 0, in]
+        return mask, values, copy, weight.new_empty((), dtype=torch.int64)
+
+    @torch.library.register_fake("lora_runtime::merge_leave")
+    def _merge_leave_fake(weight, product, scaling, mask, values):
+        return weight.new_empty((), dtype=torch.int64)  # the checksum

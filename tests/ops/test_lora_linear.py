@@ -1,4 +1,5 @@
-"""The fused op against a float64 reference: outputs, gradients, opcheck, compile, errors."""
+"""The fused op against a float64 reference: outputs, gradients, compile, errors (opcheck:
+test_opcheck.py)."""
 
 from __future__ import annotations
 
@@ -107,23 +108,6 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, a, bb: lora_linear(x, w.detach(), None, a, bb, 2.0), (x, a, bb))
 
 
-def test_opcheck():
-    x, w, b, a, bb = sample_inputs((3, 4), 16, 12, 4)
-    for args in [
-        (x, w, b, a.requires_grad_(), bb.requires_grad_(), 0.5),
-        (x.requires_grad_(), w, None, a, bb, 2.0),
-        (x, w, b, a, bb, 0.5, torch.randn_like(x).requires_grad_()),
-    ]:
-        torch.library.opcheck(torch.ops.lora_runtime.lora_linear_fwd.default, args)
-    x, w, b, a, bb = sample_inputs((3, 4), 16, 12, 4)
-    h = torch.randn(3, 4, 4)
-    g = torch.randn(3, 4, 12)
-    for mask in ([True, False, False, True, True, False], [True, True, True, True, True, False]):
-        torch.library.opcheck(
-            torch.ops.lora_runtime.lora_linear_bwd.default, (g, x, w, a, bb, h, 0.5, None, mask)
-        )
-
-
 def test_only_required_gradients_and_thin_saved_tensors():
     """Frozen base: no weight/bias gradients; saved activations are x and h = x @ A.T only."""
     x, w, b, a, bb = sample_inputs((5, 7), 32, 48, 4)
@@ -173,14 +157,29 @@ def test_compile_fullgraph_matches_eager():
         (lambda t: {**t, "weight": torch.randn(12)}, r"weight must be 2-d \[out, in\], got shape \[12\]"),
     ],
 )
-def test_bad_inputs_raise_clear_errors(change, match):
+@pytest.mark.parametrize("no_grad_op", [False, True])  # lora_linear_infer shares the checks
+def test_bad_inputs_raise_clear_errors(change, match, no_grad_op):
     ok = {
         "x": torch.randn(3, 16), "weight": torch.randn(12, 16), "bias": torch.randn(12),
         "lora_a": torch.randn(4, 16), "lora_b": torch.randn(12, 4), "scaling": 1.0, "lora_input": None,
     }
     args = change(ok)
+    if no_grad_op and args.pop("lora_input") is not None:
+        pytest.skip("lora_linear_infer takes no lora_input")
+    op = torch.ops.lora_runtime.lora_linear_infer if no_grad_op else lora_linear
     with pytest.raises(RuntimeError, match=match):
-        lora_linear(**args)
+        op(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_grad_op_matches_float64_reference(dtype, bias):
+    """lora_linear_infer (the no-grad entry point) computes lora_linear's forward."""
+    inputs = sample_inputs((3, 5), 48, 40, 8, dtype=dtype, bias=bias)
+    y = torch.ops.lora_runtime.lora_linear_infer(*inputs, 0.75)
+    y_ref = lora_linear_reference(*(t.double() if t is not None else None for t in inputs), 0.75)
+    assert y.dtype == dtype and y.shape == (3, 5, 40)
+    assert rel_err(y, y_ref) < TOL[dtype]
 
 
 def test_six_argument_form_through_torch_ops():

@@ -47,12 +47,18 @@ def _weight_and_product(dtype, out=37, inp=45, r=5, delta_scale=1e-2, seed=0, na
     return w, b @ a
 
 
+# (37, 45): one partial chunk of the kernel's loops; (129, 257): three parallel blocks of
+# 2^14 elements, the last with a partial chunk and a partial mask byte
+SHAPES = [(37, 45), (129, 257)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("delta_scale", [1e-3, 10.0])  # small: patch store; large: copy store
-def test_fused_store_equals_tensor_op_store_and_restores_bits(dtype, delta_scale):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_store_equals_tensor_op_store_and_restores_bits(dtype, delta_scale, shape):
     # bfloat16 / float16 NaNs are rounded to different payloads by the two paths (both restore
     # them exactly: see the next test), so the stores are compared on NaN-free weights there
-    w, product = _weight_and_product(dtype, delta_scale=delta_scale,
+    w, product = _weight_and_product(dtype, *shape, delta_scale=delta_scale,
                                      nan=dtype in (torch.float32, torch.float64))
     scaling = 1.7
     original = w.clone()
@@ -82,9 +88,12 @@ def test_fused_store_equals_tensor_op_store_and_restores_bits(dtype, delta_scale
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_merge_restores_nan_payloads_and_signed_zeros(dtype):
-    w, product = _weight_and_product(dtype, delta_scale=1e-3)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_merge_restores_nan_payloads_and_signed_zeros(dtype, shape):
+    w, product = _weight_and_product(dtype, *shape, delta_scale=1e-3)
     w.view(bits(w).dtype).view(-1)[8] = bits(w).view(-1)[7] | 1  # a NaN with another payload
+    w.view(bits(w).dtype).view(-1)[-2] = bits(w).view(-1)[7] | 3  # and one in the last block
+    w.view(-1)[-1] = -0.0
     original = w.clone()
     store = merge_enter(w, product, 2.5)
     assert torch.isnan(w.view(-1)[7]) and torch.isnan(w.view(-1)[8])
