@@ -62,7 +62,7 @@ def test_every_required_op_is_built_and_a_missing_one_is_named():
     for name in REQUIRED_OPS:
         torch._C._dispatch_find_schema_or_throw(f"lora_runtime::{name}", "")  # raises when missing
         assert any(torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_runtime::{name}", key)
-                   for key in ("CPU", "CompositeImplicitAutograd")), name
+                   for key in ("CPU", "CompositeExplicitAutograd", "CompositeImplicitAutograd")), name
     assert _missing_ops(("lora_linear", "no_such_op_here")) == ["no_such_op_here"]
     # a build without the C++ autograd formula would train nothing: named too
     assert _missing_ops((), (("lora_linear_fwd", "Autograd"), ("lora_linear_infer", "Autograd"))) == [
