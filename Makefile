@@ -44,7 +44,7 @@ test: install
 	$(PY) -m pytest tests -q -p randomly -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Mutation testing of the core (see TESTING.md; tens of minutes, not part of `make test`).
-# MUTMUT_ARGS picks mutants, e.g. MUTMUT_ARGS='"lora_runtime.rl.grpo.*"'.
+# MUTMUT_ARGS picks mutants, e.g. MUTMUT_ARGS='"lora_runtime.rl.algorithms.grpo.*"'.
 # MUTATE_TESTS narrows the test files mutmut runs (the others are deselected), e.g.
 # MUTATE_TESTS="tests/adapters/test_targets.py tests/test_actor.py"; empty: pyproject's whole selection.
 # MUTATE_KEEP=1 keeps mutants/ (earlier results and stats); by default each run starts afresh.

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the public names (`X as X`: an explicit re-export); never executed
     from lora_runtime.actor import prepare_actor as prepare_actor
+    from lora_runtime.adapters import DEFAULT_TARGETS as DEFAULT_TARGETS
     from lora_runtime.adapters import LoRALinear as LoRALinear
     from lora_runtime.adapters import MergeStats as MergeStats
     from lora_runtime.adapters import TrainableSummary as TrainableSummary
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # the public names (`X as X`: an explicit re-export); never e
     from lora_runtime.adapters import save_adapter as save_adapter
     from lora_runtime.adapters import trainable_summary as trainable_summary
     from lora_runtime.compile import compile_actor as compile_actor
-    from lora_runtime.config import DEFAULT_TARGETS as DEFAULT_TARGETS
     from lora_runtime.config import ActorModelConfig as ActorModelConfig
     from lora_runtime.config import RunConfig as RunConfig
     from lora_runtime.config import load_config as load_config

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lora_runtime.adapters import (
+    DEFAULT_TARGETS,
     AdapterFiles,
     apply_and_load_adapter,
     apply_lora,
@@ -77,7 +78,7 @@ def prepare_actor(
             rank=model_cfg.lora_rank,
             alpha=model_cfg.lora_alpha,
             dropout=model_cfg.lora_dropout,
-            target_modules=model_cfg.target_modules,
+            target_modules=model_cfg.target_modules or DEFAULT_TARGETS,
             exclude_modules=model_cfg.exclude_modules,
             init=model_cfg.init_lora_weights,
             use_rslora=model_cfg.use_rslora,

@@ -37,7 +37,7 @@ def base_dir(tmp_path_factory):
     from support.tiny_runs import tiny_raw, untrained_raw
 
     from lora_runtime.config import validate_config
-    from lora_runtime.rl.actor_setup import ensure_builtin_base
+    from lora_runtime.rl.builtin_base import ensure_builtin_base
 
     d = tmp_path_factory.mktemp("base")
     for raw in (tiny_raw(d / "x", d), untrained_raw(d / "x", d)):

@@ -12,6 +12,7 @@ from torch import nn
 
 from lora_runtime.actor import prepare_actor
 from lora_runtime.adapters import (
+    DEFAULT_TARGETS,
     LoRALinear,
     apply_lora,
     iter_lora_layers,
@@ -19,7 +20,7 @@ from lora_runtime.adapters import (
     trainable_summary,
 )
 from lora_runtime.adapters.targets import matches_target
-from lora_runtime.config import DEFAULT_TARGETS, ActorModelConfig
+from lora_runtime.config import ActorModelConfig
 
 
 def test_matching_is_on_dot_boundaries():

@@ -151,7 +151,7 @@ def check_imports(imports: list[Import]) -> list[str]:
             problems.append(f"{where}: nothing imports the benchmark harness")
         if imp.source.startswith(f"{top}.ops") and not imp.target.startswith(f"{top}.ops"):
             problems.append(f"{where}: ops/ imports nothing outside ops/")
-        if imp.source.startswith(f"{top}.rl.models") and imp.target.split(".")[1] in ("adapters", "ops", "actor"):
+        if imp.source == f"{top}.rl.models.vla" and imp.target.split(".")[1] in ("adapters", "ops", "actor"):
             problems.append(f"{where}: the built-in models know nothing of LoRA")
         if imp.in_function and not imp.deferred_comment:
             problems.append(f"{where} inside a function without a '# deferred: <why>' comment")
@@ -168,10 +168,12 @@ def test_the_package_keeps_its_walls():
 
 
 def test_config_imports_no_torch():
-    tree = ast.parse((PACKAGE_DIR / "config.py").read_text())
-    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
-    assert not [n for n in names if n.split(".")[0] == "torch"]
+    names = []
+    for path in (PACKAGE_DIR / "config").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert "pydantic" in names and not [n for n in names if n.split(".")[0] == "torch"]
     code = "import sys, lora_runtime.config; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
@@ -191,6 +193,67 @@ def test_no_module_over_400_lines():
     long = {str(p.relative_to(PACKAGE_DIR)): n for p in PACKAGE_DIR.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
+
+
+# ----------------------------------------------------------------------------- plug-ins own their branches
+
+TASKS, MODELS = "lora_runtime.rl.tasks", "lora_runtime.rl.models"
+# transformers' model classes a branch might test for (the families own that knowledge)
+HF_MODEL_CLASSES = {"PreTrainedModel", "LlamaForCausalLM", "GenerationMixin", "PeftModel"}
+
+
+def classes_defined(package_dir: Path, prefix: str) -> set[str]:
+    """Names of the classes defined in the modules under `prefix`."""
+    return {node.name for name, path in module_names(package_dir).items() if name.startswith(prefix)
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)}
+
+
+def plugin_branches(package_dir: Path) -> list[str]:
+    """Every branch on a task kind or task class outside `rl/tasks/` (and the config's task
+    sections), and on a model class outside `rl/models/`, one line each."""
+    task_classes = classes_defined(package_dir, TASKS)
+    model_classes = classes_defined(package_dir, MODELS) | HF_MODEL_CLASSES
+    problems = []
+    for name, path in module_names(package_dir).items():
+        in_tasks = name.startswith(TASKS) or name == "lora_runtime.config.task"
+        in_models = name.startswith(MODELS)
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{name}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Compare) and not in_tasks:
+                operands = [node.left, *node.comparators]
+                if any(isinstance(o, ast.Attribute) and o.attr == "kind" for o in operands):
+                    problems.append(f"{where}: compares a task kind ({ast.unparse(node)})")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass"):
+                tested = {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node.args[1])
+                          if isinstance(n, (ast.Name, ast.Attribute))} if len(node.args) > 1 else set()
+                if tested & task_classes and not in_tasks:
+                    problems.append(f"{where}: tests a task class ({ast.unparse(node)})")
+                if tested & model_classes and not in_models:
+                    problems.append(f"{where}: tests a model class ({ast.unparse(node)})")
+    return problems
+
+
+def test_only_the_plugins_branch_on_tasks_and_models():
+    assert {"ReachTask", "EpisodicTask", "Task"} <= classes_defined(PACKAGE_DIR, TASKS)
+    assert {"TinyVLA", "VLAFamily", "CausalLMFamily"} <= classes_defined(PACKAGE_DIR, MODELS)
+    assert plugin_branches(PACKAGE_DIR) == []
+
+
+def test_plugin_branch_checker_finds_planted_branches(tmp_path):
+    files = dict(CLEAN)
+    files["rl/tasks/__init__.py"] = "class ReachTask:\n    kind = 'reach'\n"
+    files["rl/models/__init__.py"] = "class TinyVLA:\n    pass\n"
+    files["rl/trainer.py"] = (
+        "def f(cfg, task, model):\n"
+        "    if cfg.task.kind == 'reach':\n        return 1\n"
+        "    if isinstance(task, ReachTask):\n        return 2\n"
+        "    return isinstance(model, (TinyVLA, int))\n"
+    )
+    problems = plugin_branches(_write_package(tmp_path, files))
+    assert len(problems) == 3, problems
+    assert "lora_runtime.rl.trainer:2: compares a task kind (cfg.task.kind == 'reach')" in problems
+    assert any("tests a task class (isinstance(task, ReachTask))" in p for p in problems)
+    assert any("tests a model class (isinstance(model, (TinyVLA, int)))" in p for p in problems)
 
 
 # ----------------------------------------------------------------------------- the checker itself
@@ -238,14 +301,14 @@ def test_checker_finds_broken_walls(tmp_path):
     files = dict(CLEAN)
     files["ops/kernel.py"] = "from lora_runtime.config import os\n"
     files["adapters/layer.py"] = "from lora_runtime.rl import trainer\n"
-    files["rl/models/__init__.py"] = "from lora_runtime.adapters import layer\n"
+    files["rl/models/vla.py"] = "from lora_runtime.adapters import layer\n"
     files["rl/trainer.py"] = "def f():\n    from lora_runtime.bench import x\n"
     files["bench/__init__.py"] = "x = 1\n"
     problems = check_imports(read_imports(_write_package(tmp_path, files)))
     text = "\n".join(problems)
     assert "lora_runtime.ops.kernel:1 imports lora_runtime.config: ops/ imports nothing outside ops/" in text
     assert "lora_runtime.adapters.layer:1 imports lora_runtime.rl.trainer: upward (layer 1 -> 3)" in text
-    assert "lora_runtime.rl.models:1 imports lora_runtime.adapters.layer: the built-in models know nothing of LoRA" in text
+    assert "lora_runtime.rl.models.vla:1 imports lora_runtime.adapters.layer: the built-in models know nothing of LoRA" in text
     assert "lora_runtime.rl.trainer:2 imports lora_runtime.bench: upward (layer 3 -> 4)" in text
     assert "nothing imports the benchmark harness" in text
     assert "inside a function without a '# deferred: <why>' comment" in text

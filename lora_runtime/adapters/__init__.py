@@ -13,7 +13,12 @@ from lora_runtime.adapters.inject import apply_lora, remove_lora
 from lora_runtime.adapters.layer import LoRALinear
 from lora_runtime.adapters.merge import MergeStats, merge_lora, merged, merged_weight
 from lora_runtime.adapters.peft_format import AdapterFiles, read_adapter, read_adapter_config
-from lora_runtime.adapters.targets import find_targets, iter_lora_layers, unwrap_model
+from lora_runtime.adapters.targets import (
+    DEFAULT_TARGETS,
+    find_targets,
+    iter_lora_layers,
+    unwrap_model,
+)
 from lora_runtime.adapters.trainable import (
     TrainableSummary,
     mark_only_lora_trainable,
@@ -23,6 +28,7 @@ from lora_runtime.adapters.weight_sync import adapter_state_dict, iter_merged_we
 from lora_runtime.errors import AdapterError, MergeError
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "AdapterError",
     "AdapterFiles",
     "LoRALinear",

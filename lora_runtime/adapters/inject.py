@@ -10,13 +10,13 @@ from torch import nn
 from lora_runtime.adapters.layer import LoRALinear, check_rank
 from lora_runtime.adapters.merge import merge_lora
 from lora_runtime.adapters.targets import (
+    DEFAULT_TARGETS,
     find_targets,
     iter_lora_layers,
     restore_base_layers,
     set_submodule,
     unwrap_model,
 )
-from lora_runtime.config import DEFAULT_TARGETS
 
 __all__ = ["apply_lora", "remove_lora"]
 

@@ -16,7 +16,14 @@ from torch import nn
 
 from lora_runtime.adapters.layer import LoRALinear
 
+# The modules RLinf adapts by default, matched on the last dotted component(s) of a name.
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "proj", "qkv", "fc1", "fc2", "q", "kv", "fc3", "q_proj", "k_proj", "v_proj", "o_proj",
+    "gate_proj", "up_proj", "down_proj", "lm_head",
+)
+
 __all__ = [
+    "DEFAULT_TARGETS",
     "find_targets",
     "inside_any",
     "iter_lora_layers",

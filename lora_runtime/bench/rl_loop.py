@@ -5,7 +5,7 @@
 For each variant, the same warm-started built-in base (from CONFIG, default
 configs/lora_new.yaml) gets the same rank-r adapter on the same targets (this runtime's
 fused LoRA, eager or through `compile_actor`, or HF PEFT's `get_peft_model`), with `lora_B`
-drawn non-zero, and runs `N` GRPO iterations of `episode_step` from the same trainer seed.
+drawn non-zero, and runs `N` iterations of the trainer's step (`rl.loop.rl_step`) from the same seed.
 Iterations are interleaved across variants (variant order rotated by one per iteration) so a
 load change on a shared machine hits all of them; the first iteration of each is a warm-up
 (compilation) and is reported apart. Medians of `rollout_s`, `train_s` and env steps/s.
@@ -28,8 +28,11 @@ from lora_runtime.actor import prepare_actor
 from lora_runtime.adapters import adapter_disabled, iter_lora_layers
 from lora_runtime.compile import compile_actor
 from lora_runtime.config import load_config
-from lora_runtime.rl.actor_setup import load_base, make_task, vla_episode_logits
-from lora_runtime.rl.episode_step import episode_step
+from lora_runtime.rl.builtin_base import load_base
+from lora_runtime.rl.learners import learner_for
+from lora_runtime.rl.loop import rl_step
+from lora_runtime.rl.policy import ActorPolicy
+from lora_runtime.rl.tasks import build_task
 
 VARIANTS = ("lora_eager", "lora_compiled", "peft_eager")
 
@@ -81,22 +84,24 @@ def measure(config: str, iterations: int, variants: list[str], threads: int = 1)
     cfg = load_config(config)
     with num_threads(threads):
         base = load_base(cfg)
-        task = make_task(cfg, base)
+        task = build_task(cfg, base)
         runs = {}
         for v in variants:
             model, forward, ref = build(v, base, cfg)
             params = [p for p in model.parameters() if p.requires_grad]
             runs[v] = {"model": model, "forward": forward, "ref": ref,
-                       "opt": torch.optim.AdamW(params, lr=cfg.trainer.lr), "gen": torch.Generator().manual_seed(cfg.trainer.seed),
+                       "opt": torch.optim.AdamW(params, lr=cfg.algorithm.lr),
+                       "gen": torch.Generator().manual_seed(cfg.runner.seed),
                        "samples": []}
         for i in range(iterations):
             order = variants[i % len(variants):] + variants[: i % len(variants)]
             for v in order:
                 r = runs[v]
-                stats = episode_step(r["model"], r["forward"], vla_episode_logits, r["ref"], r["opt"], task, cfg.trainer,
-                                     r["gen"], torch.device("cpu"))
+                policy = ActorPolicy(r["forward"], task.family, task.action_ids, cfg.algorithm.temperature)
+                stats = rl_step(r["model"], policy, learner_for(cfg.algorithm), task, r["ref"], r["opt"], cfg, r["gen"],
+                                torch.device("cpu"))
                 r["samples"].append({k: stats[k] for k in ("rollout_s", "train_s", "env_steps", "env_steps_per_s",
-                                                            "trained_steps", "success_rate")})
+                                                            "trained_rows", "success_rate")})
     load = os.getloadavg()
     out = {"config": config, "iterations": iterations, "threads": threads, "loadavg_end": load, "variants": {}}
     for v in variants:
@@ -107,7 +112,7 @@ def measure(config: str, iterations: int, variants: list[str], threads: int = 1)
             "rollout_s": statistics.median(x["rollout_s"] for x in rest),
             "train_s": statistics.median(x["train_s"] for x in rest),
             "env_steps_per_s": statistics.median(x["env_steps_per_s"] for x in rest),
-            "train_per_step_ms": statistics.median(1000 * x["train_s"] / max(x["trained_steps"], 1) for x in rest),
+            "train_per_step_ms": statistics.median(1000 * x["train_s"] / max(x["trained_rows"], 1) for x in rest),
             "rollout_per_env_step_ms": statistics.median(1000 * x["rollout_s"] / x["env_steps"] for x in rest),
             "samples": s,
         }

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_runtime.adapters import find_targets
+from lora_runtime.adapters import DEFAULT_TARGETS, find_targets
 from lora_runtime.adapters.targets import matches_target
-from lora_runtime.config import DEFAULT_TARGETS, BuiltinActorConfig
+from lora_runtime.config import BuiltinActorConfig
 from lora_runtime.rl.models.vla import build_tiny_vla
 
 __all__ = ["MODEL_SPECS", "ModelSpec", "get_spec", "present_targets"]

@@ -28,7 +28,7 @@ from lora_runtime.errors import AdapterError, ConfigError, MergeError, UsageErro
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
-        help="override one config value (YAML syntax), e.g. --set trainer.steps=20; repeatable",
+        help="override one config value (YAML syntax), e.g. --set runner.steps=20; repeatable",
     )
 
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune the actor with GRPO in the config's mode (new / resume / full)",
                        description="Fine-tune the actor with GRPO on the synthetic reach task. The mode comes "
                        "from actor.model: is_lora + lora_path null = new adapter, is_lora + lora_path = resume "
-                       "that adapter, is_lora false = full fine-tuning. Outputs go to trainer.output_dir. "
+                       "that adapter, is_lora false = full fine-tuning. Outputs go to runner.output_dir. "
                        "Ctrl-C (SIGINT) or SIGTERM saves a last checkpoint and exits with status 130 or 143.")
     p.add_argument("config", metavar="CONFIG", help="the run's YAML file, e.g. configs/lora_new.yaml")
     _add_set(p)
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "<its output_dir>/train.log), each in its own process, and print one table comparing them. Results of an earlier demo in the same folders are replaced.")
     p.add_argument("--configs", default="configs", metavar="DIR", help="folder holding the three YAML files (default: configs)")
     p.add_argument("--output-root", metavar="DIR", help="write the runs to DIR/lora_new, DIR/lora_resume, DIR/full "
-                   "(default: each config's trainer.output_dir)")
+                   "(default: each config's runner.output_dir)")
     _add_set(p)
 
     p = sub.add_parser("bench", help="benchmark this runtime against PEFT and the base (see `bench --help`)",

@@ -22,8 +22,9 @@ from lora_runtime.cli.console import ConsoleDisplay, print_table
 from lora_runtime.cli.exit_codes import EXIT_SIGNALLED
 from lora_runtime.config import RunConfig, load_config
 from lora_runtime.errors import ConfigError, UsageError
-from lora_runtime.rl.actor_setup import base_path, build_actor, load_base
-from lora_runtime.rl.hf_loading import load_model_folder, read_model_folder, save_model_folder
+from lora_runtime.rl.actor_builder import build_actor
+from lora_runtime.rl.builtin_base import base_path, load_base
+from lora_runtime.rl.models import load_model_folder, read_model_folder, save_model_folder
 from lora_runtime.rl.outputs import check_output_dir
 from lora_runtime.rl.trainer import train
 
@@ -72,9 +73,9 @@ def run_train(config: str, overrides: Sequence[str] = ()) -> int:
     (every rank finished its step and saved once)."""
     run_cfg = load_config(config, list(overrides))
     with prefixed_errors(config):
-        check_not_in_run(run_cfg.trainer.output_dir, "trainer.output_dir")
-        if run_cfg.trainer.base_dir is not None:
-            check_not_in_run(os.path.join(run_cfg.trainer.base_dir, "x"), "trainer.base_dir")
+        check_not_in_run(run_cfg.runner.output_dir, "runner.output_dir")
+        if run_cfg.runner.base_dir is not None:
+            check_not_in_run(os.path.join(run_cfg.runner.base_dir, "x"), "runner.base_dir")
         result = train(run_cfg, log=_log, display=ConsoleDisplay())
     if result.interrupted:
         if result.is_main:  # one message per run, naming only what is on disk

@@ -1,7 +1,7 @@
 """`lora-runtime demo` (`make demo`): new -> resume, with full alongside, then one comparison table.
 
 Each run is `lora-runtime train` in its own process (so each reports its own peak memory)
-with `trainer.overwrite=true`: a demo replaces the results of the previous demo. The
+with `runner.overwrite=true`: a demo replaces the results of the previous demo. The
 resume run always points at the adapter the new run just saved. Full fine-tuning does not
 depend on the other two, so it runs at the same time in a second process (one core each:
 the configs set `num_threads: 1`), its output in `<full run>/train.log`. A failure of
@@ -51,13 +51,13 @@ def plan_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str
         path = os.path.join(configs_dir, f"{name}.yaml")
         if not os.path.isfile(path):
             raise UsageError(f"demo: {path} is missing; run the demo from the project folder or pass --configs DIR")
-        sets = list(overrides) + ["trainer.overwrite=true"]
+        sets = list(overrides) + ["runner.overwrite=true"]
         if output_root is not None:
-            sets.append(f"trainer.output_dir={os.path.join(output_root, name)}")
+            sets.append(f"runner.output_dir={os.path.join(output_root, name)}")
         if name == "lora_resume":
             sets.append(f"actor.model.lora_path={os.path.join(runs[0].output_dir, 'adapter')}")
         cfg = load_config(path, sets)
-        runs.append(DemoRun(name, path, sets, cfg.trainer.output_dir))
+        runs.append(DemoRun(name, path, sets, cfg.runner.output_dir))
     return runs
 
 
@@ -127,9 +127,9 @@ def _build_base(run: DemoRun) -> None:
     if cfg.actor.model.model_path is not None:
         return
     from lora_runtime._threads import num_threads  # deferred: loads torch
-    from lora_runtime.rl.actor_setup import ensure_builtin_base  # deferred: loads torch
+    from lora_runtime.rl.builtin_base import ensure_builtin_base  # deferred: loads torch
 
-    with num_threads(cfg.trainer.num_threads):
+    with num_threads(cfg.runner.num_threads):
         ensure_builtin_base(cfg)
 
 
@@ -153,10 +153,9 @@ def run_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str]
     if code != 0 or side != 0:
         return code or side
     print_comparison(runs, time.perf_counter() - start)
-    if load_config(runs[0].config, runs[0].overrides).task.kind != "reach":
-        from lora_runtime.cli.evaluate import evaluate_demo  # deferred: loads torch
+    from lora_runtime.cli.evaluate import evaluate_demo  # deferred: loads torch
 
-        evaluate_demo(runs)
+    evaluate_demo(runs)
     print(f"total demo time {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -22,30 +22,29 @@ from lora_runtime.cli.commands import _log, prefixed_errors
 from lora_runtime.cli.console import print_table
 from lora_runtime.config import RunConfig, load_config
 from lora_runtime.errors import AdapterError, UsageError
-from lora_runtime.rl.actor_setup import episode_logits, load_base, make_task
-from lora_runtime.rl.evaluation import evaluate
-from lora_runtime.rl.tasks.episodic import EpisodicTask
+from lora_runtime.rl.builtin_base import load_base
+from lora_runtime.rl.tasks import build_task, task_class
 
 
 def evaluate_config(run_cfg: RunConfig, episodes: int | None, adapter: str | None, merged: bool) -> dict[str, Any]:
     """Builds the model `eval` describes and returns its held-out results.
 
     Raises:
-        UsageError: a reach-task config, `--merged` without an adapter, or episodes < 1.
+        UsageError: a task without held-out evaluation, `--merged` without an adapter, or
+            episodes < 1.
         AdapterError: an adapter folder that cannot be loaded (names `--adapter`).
     """
-    if run_cfg.task.kind == "reach":
-        raise UsageError("eval needs a multi-step task (task.kind: babyai or gym); the reach task reports its "
-                         "reward in metrics.jsonl")
+    if not task_class(run_cfg.task.kind).held_out_eval:
+        raise UsageError(f"eval needs a task with held-out seeds (task.kind: babyai or gym); task.kind: "
+                         f"{run_cfg.task.kind} reports its reward in metrics.jsonl")
     if episodes is not None and episodes < 1:
         raise UsageError(f"eval --episodes {episodes}: must be at least 1")
     adapter = adapter or run_cfg.actor.model.lora_path
     if merged and adapter is None:
         raise UsageError("eval --merged needs an adapter to merge: pass --adapter DIR (or a config with lora_path)")
-    with num_threads(run_cfg.trainer.num_threads):
+    with num_threads(run_cfg.runner.num_threads):
         model = load_base(run_cfg, log=_log)
-        task = make_task(run_cfg, model)
-        assert isinstance(task, EpisodicTask)
+        task = build_task(run_cfg, model)
         if adapter is not None:
             try:
                 apply_and_load_adapter(model, adapter)
@@ -53,10 +52,9 @@ def evaluate_config(run_cfg: RunConfig, episodes: int | None, adapter: str | Non
                 raise AdapterError(f"eval --adapter {adapter!r}: {exc}") from None
             if merged:
                 merge_lora(model)
-        n = episodes or run_cfg.task.eval_episodes
-        result = evaluate(model, episode_logits, task, n)
+        result = task.evaluate(model, episodes)
     what = "base" if adapter is None else f"{'merged ' if merged else ''}{adapter}"
-    return {**result, "model": what}
+    return {**result, "model": what, "task": task.title}
 
 
 def std_error(rate: float, n: int) -> float:
@@ -80,7 +78,7 @@ def run_eval(config: str, episodes: int | None, adapter: str | None, merged: boo
         raise UsageError(f"eval --adapter {adapter!r}: no such folder; point it at a run's adapter/ folder")
     with prefixed_errors(config):
         row = evaluate_config(run_cfg, episodes, adapter, merged)
-    print_eval([row], f"eval: {run_cfg.task.env_id if run_cfg.task.kind == 'babyai' else run_cfg.task.entry}, greedy")
+    print_eval([row], f"eval: {row['task']}, greedy")
     return 0
 
 
@@ -90,6 +88,8 @@ def evaluate_demo(runs: Sequence[Any]) -> None:
     or >= 0.95 from a warm start above 0.80)."""
     by_name = {r.name: r for r in runs}
     new_cfg = load_config(by_name["lora_new"].config, by_name["lora_new"].overrides)
+    if not task_class(new_cfg.task.kind).held_out_eval:
+        return
     rows = [{**evaluate_config(new_cfg, None, None, False), "model": "warm start (base)"}]
     for name in ("lora_new", "lora_resume"):
         if name in by_name:
@@ -101,7 +101,7 @@ def evaluate_demo(runs: Sequence[Any]) -> None:
         cfg = load_config(run.config, [*run.overrides, f"actor.model.model_path={os.path.join(run.output_dir, 'model')}"])
         rows.append({**evaluate_config(cfg, None, None, False), "model": "full (model/)"})
     print()
-    print_eval(rows, f"demo: greedy evaluation on held-out seeds, {new_cfg.task.env_id}")
+    print_eval(rows, f"demo: greedy evaluation on held-out seeds, {rows[0]['task']}")
     warm, new = rows[0]["success_rate"], rows[1]["success_rate"]
     target = 0.95 if warm > 0.80 else warm + 0.15
     verdict = "met" if new >= target - 1e-9 else "NOT met"

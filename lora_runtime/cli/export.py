@@ -1,12 +1,13 @@
 """The work behind `lora-runtime export`: a run's actor as a TorchScript file or an
 AOTInductor package (see `lora_runtime.deploy`).
 
-The exported forward is the one the GRPO update runs (`rl.grpo`): for the built-in actor
-`forward(pixel_values [B, 3, H, W], input_ids [B, T])`, for a transformers model
-`forward(input_ids [B, S + T]) -> logits` (the board's S cell tokens, then the text), with
-T = 3 prompt tokens + all but the last action token. Logits are causal, so position 2 gives
-the first action and position 3 the second. The batch size is free in an AOTInductor
-package; the other sizes are fixed to the task's.
+The exported forward is the one the update runs (the model family's `export_call` on the
+task's example inputs): for the built-in actor `forward(pixel_values [B, 3, H, W],
+input_ids [B, T]) -> logits [B, T, V]`, for a transformers model `forward(input_ids
+[B, S + T]) -> logits` (the view's S words, then the prompt). On the reach task T = 3
+prompt tokens + all but the last action token, so position 2 gives the first action and
+position 3 the second; on an episodic task the action is read at the prompt's last token.
+The batch size is free in an AOTInductor package; the other sizes are fixed to the task's.
 """
 
 from __future__ import annotations
@@ -21,22 +22,11 @@ from lora_runtime.cli.commands import check_not_in_run
 from lora_runtime.config import load_config
 from lora_runtime.deploy import check_output_file, export_aoti, export_torchscript, needs_op_library
 from lora_runtime.errors import UsageError
-from lora_runtime.rl.actor_setup import build_actor, make_task
-from lora_runtime.rl.models.vla import TinyVLA
+from lora_runtime.rl.actor_builder import build_actor
+from lora_runtime.rl.models import family_of
+from lora_runtime.rl.tasks import build_task
 
 SUFFIX = {"torchscript": ".pt", "aoti": ".pt2"}
-
-
-class LogitsOnly(nn.Module):
-    """A transformers causal LM as `forward(input_ids) -> logits [B, T, V]` (tensors only,
-    as TorchScript tracing and `torch.export` want)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def _check_out(out: str, fmt: str) -> str:
@@ -51,14 +41,9 @@ def _check_out(out: str, fmt: str) -> str:
 
 
 def example_inputs(run_cfg, model: nn.Module) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """The module to export and inputs shaped like a GRPO update's (batch 2)."""
-    task = make_task(run_cfg, model)
-    scenes = task.sample(2, torch.Generator().manual_seed(0))
-    actions = torch.zeros(2, task.num_actions - 1, dtype=torch.long)  # placeholders: causal logits
-    text = torch.cat([scenes.prompt_ids, actions], dim=1)  # [2, 3 + A - 1]
-    if isinstance(model, TinyVLA):
-        return model, (scenes.pixel_values, text)
-    return LogitsOnly(model), (torch.cat([scenes.scene_ids, text], dim=1),)
+    """The module to export and inputs shaped like the update's (the task's example batch)."""
+    family = family_of(model)
+    return family.export_call(model, build_task(run_cfg, model).example_inputs())
 
 
 def run_export(config: str, fmt: str, merged: bool, out: str, overrides: Sequence[str] = ()) -> int:
@@ -77,8 +62,7 @@ def run_export(config: str, fmt: str, merged: bool, out: str, overrides: Sequenc
     model = build_actor(run_cfg, log=lambda m: print(m, file=sys.stderr)).eval()
     module, inputs = example_inputs(run_cfg, model)
     if fmt == "torchscript":
-        method = "script" if isinstance(model, TinyVLA) else "trace"  # transformers models do not script
-        export_torchscript(module, inputs, path, method=method, merged=merged)
+        export_torchscript(module, inputs, path, method=family_of(model).export_method, merged=merged)
     else:
         export_aoti(module, inputs, path, merged=merged)
     shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)

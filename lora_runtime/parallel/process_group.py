@@ -104,7 +104,7 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
 
     Args:
         name: "auto", "cpu", "cuda" or "cuda:N".
-        key: how the message names the setting (e.g. "trainer.device", "--device").
+        key: how the message names the setting (e.g. "runner.device", "--device").
 
     Raises:
         ValueError: an unknown name, or cuda where torch sees no CUDA device.

@@ -173,7 +173,7 @@ MODES = ("none", "fsdp", "ddp")
 
 
 def wrap_actor(model: nn.Module, mode: str) -> nn.Module:
-    """The actor as trained under `trainer.distributed`: as is, sharded or replicated.
+    """The actor as trained under `runner.distributed`: as is, sharded or replicated.
 
     Args:
         model: the prepared actor (patched or full), on this rank's device.
@@ -186,7 +186,7 @@ def wrap_actor(model: nn.Module, mode: str) -> nn.Module:
         ValueError: an unknown mode; see `shard_actor` / `replicate_actor`.
     """
     if mode not in MODES:
-        raise ValueError(f"trainer.distributed={mode!r}; allowed {list(MODES)}")
+        raise ValueError(f"runner.distributed={mode!r}; allowed {list(MODES)}")
     if mode == "fsdp":
         return shard_actor(model)
     if mode == "ddp":

@@ -34,7 +34,7 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def check_output_dir(output_dir: str, overwrite: bool, key: str = "trainer.output_dir") -> str:
+def check_output_dir(output_dir: str, overwrite: bool, key: str = "runner.output_dir") -> str:
     """Makes sure a run may write to `output_dir`; writes nothing (the folder is created later).
 
     Returns:
@@ -54,7 +54,7 @@ def check_output_dir(output_dir: str, overwrite: bool, key: str = "trainer.outpu
             raise UsageError(
                 f"{key}={output_dir!r} already holds the results of a run ({', '.join(found)}); "
                 f"nothing was changed. Pick another folder (--set {key}=...) or allow replacing "
-                "them with --set trainer.overwrite=true"
+                "them with --set runner.overwrite=true"
             )
     existing = _nearest_existing(path)
     if not os.path.isdir(existing):

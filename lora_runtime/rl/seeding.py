@@ -1,4 +1,4 @@
-"""Every random draw of a run, derived from one seed: `trainer.seed` (and `actor.builtin.seed`
+"""Every random draw of a run, derived from one seed: `runner.seed` (and `actor.builtin.seed`
 for the built-in base).
 
 torch starts each process from a random default seed (`torch.initial_seed()` differs between
@@ -38,10 +38,10 @@ def derive_seed(seed: int, stream: str, rank: int = 0) -> int:
 
 @dataclass(frozen=True)
 class RunSeeds:
-    """The streams of one run on one rank, all from `trainer.seed`.
+    """The streams of one run on one rank, all from `runner.seed`.
 
     Args:
-        seed: `trainer.seed`.
+        seed: `runner.seed`.
         rank: this process's rank (0 in a single process).
     """
 

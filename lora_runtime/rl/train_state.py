@@ -15,7 +15,7 @@ It is written into a staging folder and swapped in by rank 0 once every rank has
 (`parallel.shared_dir`), so a run killed at any moment leaves the previous complete state.
 
 A resume run (`lora_path: <run>/adapter`) or a full run from `model_path: <run>/model`
-finds `<run>/train_state/` beside the weights and, with `trainer.resume_train_state: true`,
+finds `<run>/train_state/` beside the weights and, with `runner.resume_train_state: true`,
 continues the optimizer, the step count and the random streams where that run stopped:
 N steps, then M more, give the same weights as N + M steps in one go, on the same world
 size. Another world size is refused: the per-rank sampling streams cannot be split or
@@ -44,9 +44,9 @@ from torch.distributed.checkpoint.state_dict import (
 from lora_runtime import parallel
 from lora_runtime._fs import write_json_atomic
 from lora_runtime.adapters import save_adapter, unwrap_model
-from lora_runtime.config import RunConfig, TrainerConfig
+from lora_runtime.config import AlgorithmConfig, RunConfig
 from lora_runtime.parallel.shared_dir import shared_atomic_dirs
-from lora_runtime.rl.hf_loading import save_model_folder
+from lora_runtime.rl.models import save_model_folder
 from lora_runtime.rl.outputs import UsageError
 
 STATE_DIR = "train_state"
@@ -140,7 +140,7 @@ def save_weights_and_state(
         "step": state.step,
         "mode": mode,
         "world_size": parallel.get_world_size(),
-        "distributed": run_cfg.trainer.distributed,
+        "distributed": run_cfg.runner.distributed,
         "param_names": [n for n, _ in trainable_named(model)],
         "weights_sha256": weights_fingerprint(model),
     }
@@ -180,7 +180,7 @@ def _read_meta(folder: str, skip: str) -> dict[str, Any]:
 
 
 def load_train_state(
-    folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, cfg: TrainerConfig
+    folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, cfg: AlgorithmConfig
 ) -> int:
     """Restores optimizer, RNG streams and step from `folder`; returns the step.
 
@@ -192,7 +192,7 @@ def load_train_state(
             belongs to other weights (the message says how to start without it). Nothing
             is changed then.
     """
-    skip = "or start with a fresh optimizer: --set trainer.resume_train_state=false"
+    skip = "or start with a fresh optimizer: --set runner.resume_train_state=false"
     meta = _read_meta(folder, skip)
     world = parallel.get_world_size()
     if meta["world_size"] != world:

@@ -1,9 +1,9 @@
-"""The GRPO trainer: `train(run_cfg)` fine-tunes the actor in its mode and writes the run.
+"""The trainer: `train(run_cfg)` fine-tunes the actor in its mode and writes the run.
 
-The step itself is `rl.step.rl_step`; this module sets the run up, loops, saves and sums up.
+The step itself is `rl.loop.rl_step` (any task, any algorithm); this module sets the run up, loops, saves and sums up.
 A front end shows progress through a `Display` (the CLI's draws a progress bar and a table).
 
-`trainer.output_dir` receives `adapter/` (LoRA modes) or `model/` (full mode), the
+`runner.output_dir` receives `adapter/` (LoRA modes) or `model/` (full mode), the
 training state `train_state/` (optimizer, step, RNG; apart from the weights),
 `metrics.jsonl`, `curves.png`, `summary.json` and the resolved `config.yaml`.
 """
@@ -23,14 +23,11 @@ from lora_runtime import parallel
 from lora_runtime._fs import write_json_atomic, write_text_atomic
 from lora_runtime.adapters import iter_lora_layers, trainable_summary
 from lora_runtime.compile import compile_actor
-from lora_runtime.config import RunConfig, TrainerConfig
-from lora_runtime.rl.actor_setup import (
-    base_path,
-    build_actor,
-    logits_fn_for,
-    make_task,
-    measure_chance,
-)
+from lora_runtime.config import RunConfig, RunnerConfig
+from lora_runtime.rl.actor_builder import build_actor
+from lora_runtime.rl.builtin_base import base_path, base_report, load_base
+from lora_runtime.rl.learners import GRPOLearner, learner_for
+from lora_runtime.rl.loop import lr_at, rl_step
 from lora_runtime.rl.outputs import (
     MetricsWriter,
     UsageError,
@@ -38,11 +35,11 @@ from lora_runtime.rl.outputs import (
     peak_memory_mb,
     plot_curves,
 )
+from lora_runtime.rl.policy import ActorPolicy
+from lora_runtime.rl.reference import Reference
 from lora_runtime.rl.run_control import Interrupt, catch_signals, num_threads
 from lora_runtime.rl.seeding import RunSeeds
-from lora_runtime.rl.step import Reference, lr_at, rl_step
-from lora_runtime.rl.tasks.episodic import EpisodicTask
-from lora_runtime.rl.tasks.reach import ReachTask
+from lora_runtime.rl.tasks import Task, build_task
 from lora_runtime.rl.train_state import (
     TrainState,
     find_train_state,
@@ -70,7 +67,7 @@ class RunResult:
 
 class Display:
     """What a front end shows of a run. This base shows nothing (the library default);
-    `trainer.progress: false` or a rank other than 0 gets this one too."""
+    `runner.progress: false` or a rank other than 0 gets this one too."""
 
     def start(self, title: str, total: int, first_step: int) -> None:
         """Before the first step: `total` steps, numbered from `first_step`."""
@@ -85,12 +82,12 @@ class Display:
         """Once, with the content of `summary.json`."""
 
 
-def check_distributed(cfg: TrainerConfig) -> None:
-    """`trainer.distributed` other than "none" needs an initialised process group."""
+def check_distributed(cfg: RunnerConfig) -> None:
+    """`runner.distributed` other than "none" needs an initialised process group."""
     if cfg.distributed != "none" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise UsageError(
-            f"trainer.distributed={cfg.distributed!r} needs torch.distributed initialised (launch with "
-            "torchrun); set trainer.distributed: none for a single process"
+            f"runner.distributed={cfg.distributed!r} needs torch.distributed initialised (launch with "
+            "torchrun); set runner.distributed: none for a single process"
         )
 
 
@@ -105,13 +102,14 @@ class Session:
     run_cfg: RunConfig
     model: nn.Module
     forward_model: nn.Module  # `model`, or its torch.compile wrapper
-    task: ReachTask | EpisodicTask
+    task: Task
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     reference: Reference
     device: torch.device
     out: str
     start_step: int = 0
+    learner: GRPOLearner | None = None
     saved: list[str] = field(default_factory=list)
     saved_step: int = -1
 
@@ -143,10 +141,10 @@ def train(
     log: Callable[[str], None] = print,
     display: Display | None = None,
 ) -> RunResult:
-    """Runs GRPO on the reach task in the mode of `run_cfg.actor.model` and writes the run.
+    """Runs the RL loop on the config's task in the mode of `run_cfg.actor.model` and writes the run.
 
     Everything that can be wrong with the input (output folder, base model, adapter,
-    training state) is checked before anything is written to `trainer.output_dir`.
+    training state) is checked before anything is written to `runner.output_dir`.
 
     Args:
         run_cfg: the validated run config.
@@ -161,12 +159,12 @@ def train(
     Raises:
         ConfigError: bad `model_path`, or a task that does not fit the model.
         AdapterError: resume mode without a usable adapter at `lora_path`.
-        UsageError: an output folder holding results (without `trainer.overwrite`) or not
+        UsageError: an output folder holding results (without `runner.overwrite`) or not
             writable, a device that is not there, a training state that does not fit.
     """
-    cfg = run_cfg.trainer
+    cfg = run_cfg.runner
     try:
-        device = parallel.resolve_device(cfg.device, "trainer.device")
+        device = parallel.resolve_device(cfg.device, "runner.device")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     shown = display if display is not None and cfg.progress else Display()
@@ -175,7 +173,7 @@ def train(
     try:  # under torchrun: join the group; rank 0 alone prints and writes
         device = parallel.init_distributed("nccl" if device.type == "cuda" else "gloo").device
     except RuntimeError as exc:
-        raise UsageError(f"trainer.distributed={cfg.distributed!r}: {exc}") from None
+        raise UsageError(f"runner.distributed={cfg.distributed!r}: {exc}") from None
     try:
         main = parallel.is_main_process()
         return _train(run_cfg, on_step, log if main else _quiet, shown if main else Display(), device)
@@ -188,39 +186,45 @@ def _quiet(message: str) -> None:
 
 
 def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.device) -> RunResult:
-    cfg = run_cfg.trainer
+    cfg, algo = run_cfg.runner, run_cfg.algorithm
     check_distributed(cfg)
     out = check_output_dir(cfg.output_dir, cfg.overwrite)
     world = parallel.get_world_size()
-    if cfg.batch_size % world:
-        raise UsageError(f"trainer.batch_size={cfg.batch_size} cannot be split over {world} ranks; use a multiple of {world}")
+    if getattr(algo, "batch_size", world) % world:
+        raise UsageError(f"algorithm.batch_size={algo.batch_size} cannot be split over {world} ranks; use a multiple of {world}")
     parallel.barrier()  # every rank has checked the folder before rank 0 writes into it
     with num_threads(cfg.num_threads):
         with parallel.main_process_first():  # rank 0 builds and caches the built-in base
             model = build_actor(run_cfg, log=log).to(device)
+        learner = learner_for(algo)
+        task = build_task(run_cfg, model)
         reference = Reference(model, run_cfg.actor.model.mode)  # full mode copies the plain model
         model = parallel.wrap_actor(model, cfg.distributed)  # FSDP2 in place, or the DDP wrapper
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=algo.lr, weight_decay=algo.weight_decay)
         seeds = RunSeeds(cfg.seed, parallel.get_rank())
         generator = seeds.generator("sampling")  # this rank's scenes and actions
         seeds.seed_global()  # dropout and anything else on torch's default generator
-        session = Session(run_cfg, model, model, make_task(run_cfg, model), optimizer, generator,
-                          reference, device, out)
+        session = Session(run_cfg, model, model, task, optimizer, generator, reference, device, out, learner=learner)
         state_dir = find_train_state(run_cfg) if cfg.resume_train_state else None
         if state_dir is not None:
-            session.start_step = load_train_state(state_dir, model, optimizer, generator, cfg)
+            session.start_step = load_train_state(state_dir, model, optimizer, generator, algo)
             log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
-        measure_chance(session.task, run_cfg)  # multi-step tasks: the random policy's and warm start's levels
+        session.task.measure_levels(base_report(run_cfg), lambda: load_base(run_cfg, create=False))
         if cfg.compile:
             session.forward_model = compile_actor(model)
         return _run(session, on_step, log, display)
 
 
+def _policy(session: Session) -> ActorPolicy:
+    """The actor as the step's policy: through the compiled wrapper when there is one."""
+    return ActorPolicy(session.forward_model, session.task.family, session.task.action_ids.to(session.device),
+                       session.run_cfg.algorithm.temperature)
+
+
 def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log: Callable[[str], None],
          display: Display) -> RunResult:
-    cfg, out = session.run_cfg.trainer, session.out
-    logits_fn = logits_fn_for(session.model, session.task)
+    cfg, out = session.run_cfg.runner, session.out
     main = parallel.is_main_process()
     if main:
         os.makedirs(out, exist_ok=True)
@@ -230,6 +234,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
     metrics = MetricsWriter(os.path.join(out, "metrics.jsonl")) if main else None
     display.start(f"{name} ({session.mode})", cfg.steps, session.start_step + 1)
     records: list[dict[str, Any]] = []
+    policy = _policy(session)
     flag = Interrupt(abort_on_repeat=cfg.distributed == "none")
     step = session.start_step
     try:
@@ -239,9 +244,9 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                     break
                 step = session.start_step + i + 1
                 for group in session.optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, i)
-                stats = rl_step(session.model, session.forward_model, logits_fn, session.reference,
-                                session.optimizer, session.task, cfg, session.generator, session.device)
+                    group["lr"] = lr_at(session.run_cfg.algorithm, cfg.steps, i)
+                stats = rl_step(session.model, policy, session.learner, session.task, session.reference,
+                                session.optimizer, session.run_cfg, session.generator, session.device)
                 stats = parallel.reduce_metrics(stats)  # means over ranks
                 stats["samples_per_s"] *= parallel.get_world_size()  # all ranks' samples
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
@@ -268,13 +273,13 @@ def _resolved(run_cfg: RunConfig) -> dict[str, Any]:
     """The config as run, with the base folder made explicit (what `merge` reads back)."""
     data = run_cfg.model_dump(mode="json")
     if run_cfg.actor.model.model_path is None:
-        data["trainer"]["base_dir"] = os.path.dirname(base_path(run_cfg))
+        data["runner"]["base_dir"] = os.path.dirname(base_path(run_cfg))
     return data
 
 
 def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, log: Callable[[str], None],
             display: Display) -> RunResult:
-    cfg, out = session.run_cfg.trainer, session.out
+    cfg, out = session.run_cfg.runner, session.out
     interrupted = flag.requested
     rewards = [r["reward_mean"] for r in records]
     times = [r["step_time_s"] for r in records[1:]] or [r["step_time_s"] for r in records]
@@ -310,7 +315,7 @@ def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, lo
     result = RunResult(out, interrupted, summary, session.model, flag.signal, list(session.saved), parallel.is_main_process())
     if not result.is_main:
         return result
-    note = plot_curves(records, os.path.join(out, "curves.png"), os.path.basename(out)) if cfg.plot else "trainer.plot is false"
+    note = plot_curves(records, os.path.join(out, "curves.png"), os.path.basename(out)) if cfg.plot else "runner.plot is false"
     summary["curves"] = None if note else os.path.join(out, "curves.png")
     if note:
         log(f"curves.png not written: {note}")

@@ -320,7 +320,7 @@ def test_builtin_actor_siblings_are_grouped_and_the_switch_defaults_on(tmp_path)
 
     from lora_runtime.actor import prepare_actor
     from lora_runtime.config import validate_config
-    from lora_runtime.rl.actor_setup import group_actor_siblings
+    from lora_runtime.rl.actor_builder import group_actor_siblings
     from lora_runtime.rl.models.vla import build_tiny_vla
 
     run_cfg = validate_config(tiny_raw(tmp_path / "out", tmp_path / "base"))

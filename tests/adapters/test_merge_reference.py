@@ -132,7 +132,7 @@ def test_cli_merge_matches_float64_reference(tmp_path, capsys):
     save_adapter(model, tmp_path / "adapter")
     raw = {"actor": {"model": {"is_lora": True, "lora_rank": R, "model_path": str(tmp_path / "llama")}},
            "task": {"grid": 2, "num_objects": 2, "num_colors": 3},
-           "trainer": {"output_dir": str(tmp_path / "run")}}
+           "runner": {"output_dir": str(tmp_path / "run")}}
     config = write_yaml(tmp_path / "c.yaml", raw)
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"), config]) == 0
     capsys.readouterr()

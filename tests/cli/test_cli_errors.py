@@ -24,10 +24,10 @@ def setup_case(tmp_path, case: str) -> tuple[list[str], list[str]]:
     raw = tiny_raw(tmp_path / "out", tmp_path / "base")
     if case == "train-every-problem-at-once":  # one error listing every problem
         raw["actor"]["model"]["lora_rnak"] = 8
-        raw["trainer"]["steps"] = 0
+        raw["runner"]["steps"] = 0
         raw["task"]["grid"] = "big"
         cfg = write_yaml(tmp_path / "bad.yaml", raw)
-        return ["train", cfg], [cfg, "actor.model.lora_rnak", "did you mean 'lora_rank'", "trainer.steps",
+        return ["train", cfg], [cfg, "actor.model.lora_rnak", "did you mean 'lora_rank'", "runner.steps",
                                 "task.grid"]
     if case == "train-missing-adapter":
         raw["actor"]["model"]["lora_path"] = str(tmp_path / "nowhere")
@@ -38,7 +38,7 @@ def setup_case(tmp_path, case: str) -> tuple[list[str], list[str]]:
         return ["inspect", cfg, "--set", "actor.model.lora_rank=0"], ["actor.model.lora_rank", "0"]
     if case == "inspect-unknown-set-key":
         cfg = write_yaml(tmp_path / "c.yaml", raw)
-        return ["inspect", cfg, "--set", "trainer.stpes=3"], ["trainer.stpes", "did you mean 'steps'"]
+        return ["inspect", cfg, "--set", "runner.stpes=3"], ["runner.stpes", "did you mean 'steps'"]
     if case == "merge-missing-adapter":
         cfg = write_yaml(tmp_path / "c.yaml", raw)
         return (["merge", "--adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "merged"), cfg],

@@ -21,7 +21,7 @@ from support.tiny_runs import tiny_raw, write_demo_configs, write_yaml
 
 from lora_runtime.cli import main
 from lora_runtime.config import validate_config
-from lora_runtime.rl.hf_loading import load_model_folder
+from lora_runtime.rl.models import load_model_folder
 from lora_runtime.rl.outputs import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,8 +74,8 @@ def test_train_writes_the_run(trained, capsys):
 
 def test_unknown_set_key(tmp_path, base_dir, capsys):
     config = write_yaml(tmp_path / "c.yaml", tiny_raw(tmp_path / "out", base_dir))
-    assert_usage_error(capsys, ["train", config, "--set", "trainer.stepz=3"],
-                       str(config), "trainer.stepz: unknown key", "did you mean 'steps'")
+    assert_usage_error(capsys, ["train", config, "--set", "runner.stepz=3"],
+                       str(config), "runner.stepz: unknown key", "did you mean 'steps'")
     assert not (tmp_path / "out").exists()
 
 
@@ -98,20 +98,20 @@ def test_bad_model_path(tmp_path, base_dir, capsys, make, message):
 def test_unwritable_output_dir(tmp_path, base_dir, capsys):
     (tmp_path / "f").write_text("x")
     config = write_yaml(tmp_path / "c.yaml", tiny_raw(tmp_path / "f" / "out", base_dir))
-    assert_usage_error(capsys, ["train", config], "trainer.output_dir=", "cannot be created")
+    assert_usage_error(capsys, ["train", config], "runner.output_dir=", "cannot be created")
 
 
 def test_existing_results_untouched(trained, capsys):
     config, out = trained
     before = snapshot_files(out)
-    assert_usage_error(capsys, ["train", config], "already holds the results", "trainer.overwrite=true")
+    assert_usage_error(capsys, ["train", config], "already holds the results", "runner.overwrite=true")
     assert snapshot_files(out) == before
 
 
 def test_inspect_shows_mode_modules_and_counts(tmp_path, trained, capsys):
     config, out = trained
     fresh = tmp_path / "fresh_base"
-    assert main(["inspect", config, "--set", f"trainer.base_dir={fresh}"]) == 0
+    assert main(["inspect", config, "--set", f"runner.base_dir={fresh}"]) == 0
     text = capsys.readouterr().out
     assert "mode:   new (new LoRA adapter, rank 4)" in text and "not built yet" in text
     assert "language_model.lm_head" in text and "vision.head.kv" in text
@@ -125,7 +125,7 @@ def test_inspect_shows_mode_modules_and_counts(tmp_path, trained, capsys):
 
 
 def test_merge_writes_a_model_folder_equal_to_base_plus_adapter(tmp_path, trained, capsys):
-    from lora_runtime.rl.actor_setup import build_actor
+    from lora_runtime.rl.actor_builder import build_actor
 
     config, out = trained
     assert main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
@@ -149,7 +149,7 @@ def test_merge_writes_a_model_folder_equal_to_base_plus_adapter(tmp_path, traine
 
 def steps_of(out_dir) -> list[dict]:
     """metrics.jsonl without the measured fields (times, memory)."""
-    measured = {"step_time_s", "samples_per_s", "peak_memory_mb", "training_memory_mb"}
+    measured = {"step_time_s", "samples_per_s", "train_s", "rollout_s", "env_steps_per_s", "peak_memory_mb", "training_memory_mb"}
     return [{k: v for k, v in r.items() if k not in measured} for r in read_metrics(out_dir / "metrics.jsonl")]
 
 
@@ -278,11 +278,11 @@ def test_unexpected_failure_is_exit_2_without_traceback(tmp_path, trained, capsy
 
 @pytest.mark.parametrize(("output_dir", "base"), [("runs/run", "runs/base"), ("out", "out/base"), (".", "base")])
 def test_default_base_dir_stays_inside_the_named_folders(tmp_path, monkeypatch, output_dir, base):
-    from lora_runtime.rl.actor_setup import builtin_base_dir
+    from lora_runtime.rl.builtin_base import builtin_base_dir
 
     monkeypatch.chdir(tmp_path)
     raw = tiny_raw(output_dir, None)
-    del raw["trainer"]["base_dir"]
+    del raw["runner"]["base_dir"]
     folder = builtin_base_dir(validate_config(raw))
     assert os.path.dirname(folder) == str(tmp_path / base)
 
@@ -290,7 +290,7 @@ def test_default_base_dir_stays_inside_the_named_folders(tmp_path, monkeypatch, 
 def test_unwritable_base_dir_is_reported_before_the_warm_start(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     config = write_yaml(tmp_path / "c.yaml", tiny_raw(tmp_path / "out", tmp_path / "f" / "base"))
-    err = assert_usage_error(capsys, ["train", config], "trainer.base_dir=", "cannot be created")
+    err = assert_usage_error(capsys, ["train", config], "runner.base_dir=", "cannot be created")
     assert "building the built-in base" not in err
 
 
@@ -299,7 +299,7 @@ def test_unwritable_base_dir_is_reported_before_the_warm_start(tmp_path, capsys)
 
 def test_export_torchscript_of_the_trained_actor_runs_in_a_fresh_process(tmp_path, trained, capsys):
     from lora_runtime.ops import library_path
-    from lora_runtime.rl.actor_setup import build_actor
+    from lora_runtime.rl.actor_builder import build_actor
 
     config, out = trained
     adapter = f"actor.model.lora_path={out / 'adapter'}"
@@ -354,5 +354,5 @@ def test_outputs_inside_another_runs_results_are_refused(tmp_path, trained, base
     assert_usage_error(capsys, ["export", config, "--set", f"actor.model.lora_path={adapter}", "--format",
                                 "torchscript", "--out", str(out / "adapter" / "a.pt")], "export --out=", "inside the results")
     nested = write_yaml(tmp_path / "n.yaml", tiny_raw(out / "nested", base_dir, steps=1))
-    assert_usage_error(capsys, ["train", nested], "trainer.output_dir=", "inside the results of the run in")
+    assert_usage_error(capsys, ["train", nested], "runner.output_dir=", "inside the results of the run in")
     assert snapshot_files(out) == before

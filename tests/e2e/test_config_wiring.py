@@ -19,8 +19,9 @@ from torch import nn
 from lora_runtime.adapters import LoRALinear, adapter_disabled, iter_lora_layers, save_adapter
 from lora_runtime.adapters.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from lora_runtime.config import load_config
-from lora_runtime.rl import grpo
-from lora_runtime.rl.actor_setup import build_actor
+from lora_runtime.rl import learners
+from lora_runtime.rl import policy as rl_policy
+from lora_runtime.rl.actor_builder import build_actor
 from lora_runtime.rl.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -195,13 +196,13 @@ def test_max_grad_norm_clips_the_update(tmp_path, base_dir):
 @pytest.mark.slow
 def test_update_epochs_and_clip_eps_reach_the_loss(tmp_path, base_dir, monkeypatch):
     seen = []
-    real = grpo.grpo_loss
+    real = learners.grpo_loss
 
     def spy(logp, old_logp, advantages, kl, clip_eps, kl_coef):
         seen.append((clip_eps, kl_coef))
         return real(logp, old_logp, advantages, kl, clip_eps, kl_coef)
 
-    monkeypatch.setattr(grpo, "grpo_loss", spy)
+    monkeypatch.setattr(learners, "grpo_loss", spy)
     clip = {}
     for epochs, eps in ((1, 0.05), (3, 0.05), (3, 50.0)):
         cfg = train_yaml(tmp_path, base_dir, f"e{epochs}_{eps}", steps=2, lr=0.05,
@@ -218,13 +219,13 @@ def test_update_epochs_and_clip_eps_reach_the_loss(tmp_path, base_dir, monkeypat
 @pytest.mark.slow
 def test_temperature_reaches_sampling_and_scoring(tmp_path, base_dir, monkeypatch):
     temps = []
-    real = grpo.action_log_probs
+    real = rl_policy.action_dist
 
-    def spy(logits, action_ids, temperature=1.0):
+    def spy(model, family, inputs, positions, action_ids, temperature):
         temps.append(temperature)
-        return real(logits, action_ids, temperature)
+        return real(model, family, inputs, positions, action_ids, temperature)
 
-    monkeypatch.setattr(grpo, "action_log_probs", spy)
+    monkeypatch.setattr(rl_policy, "action_dist", spy)
     cfg = train_yaml(tmp_path, base_dir, "t", steps=1, temperature=0.7)
     train(cfg, log=quiet)
     # 2 action tokens sampled, the reference scored, the policy re-scored: all at 0.7

@@ -25,7 +25,7 @@ from lora_runtime.adapters import (
     save_adapter,
 )
 from lora_runtime.config import ActorModelConfig
-from lora_runtime.rl.hf_loading import load_model_folder, save_model_folder
+from lora_runtime.rl.models import load_model_folder, save_model_folder
 
 transformers = pytest.importorskip("transformers", reason="the hf tests need transformers (test extra)")
 

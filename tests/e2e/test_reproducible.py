@@ -3,7 +3,7 @@ process at random), so these tests start `lora-runtime train` as a subprocess.
 
 Two identical runs must write the same bytes (adapter or model, train_state, config) and
 the same metrics; 3 steps and a resume run of 3 more must equal 6 steps in one go.
-Timings (`step_time_s`, `samples_per_s`) and memory figures are measurements, not results:
+Timings (`step_time_s`, `samples_per_s`, `train_s`, ...) and memory figures are measurements, not results:
 they are the only fields left out of the comparison.
 """
 
@@ -22,7 +22,7 @@ from support.tiny_runs import tiny_raw, write_yaml
 from lora_runtime.rl.outputs import read_metrics
 from lora_runtime.rl.seeding import STREAMS, RunSeeds, derive_seed
 
-MEASURED = {"step_time_s", "samples_per_s", "peak_memory_mb", "training_memory_mb"}
+MEASURED = {"step_time_s", "samples_per_s", "train_s", "rollout_s", "env_steps_per_s", "peak_memory_mb", "training_memory_mb"}
 CLI_TIMEOUT_S = 300
 
 

@@ -222,11 +222,11 @@ def test_failing_rank_ends_the_run_without_partial_adapter(tmp_path):
 
 CONFIG = Path(__file__).parents[2] / "configs" / "reach" / "lora_new.yaml"  # the one-step task: fast
 TRAIN_SETTINGS = (
-    "trainer.steps=2",
-    "trainer.batch_size=4",
-    "trainer.group_size=2",
-    "trainer.progress=false",
-    "trainer.plot=false",
+    "runner.steps=2",
+    "algorithm.batch_size=4",
+    "algorithm.group_size=2",
+    "runner.progress=false",
+    "runner.plot=false",
     "actor.builtin.pretrain_steps=2",
     "actor.builtin.pretrain_batch_size=8",
 )
@@ -248,8 +248,8 @@ def start_torchrun(args: list[str]) -> subprocess.Popen:
 
 
 def cli_args(out_dir: Path, base_dir: Path, mode: str, *settings: str) -> list[str]:
-    kv = [*TRAIN_SETTINGS, f"trainer.distributed={mode}", f"trainer.output_dir={out_dir}",
-          f"trainer.base_dir={base_dir}", "trainer.lr_schedule=constant", *settings]
+    kv = [*TRAIN_SETTINGS, f"runner.distributed={mode}", f"runner.output_dir={out_dir}",
+          f"runner.base_dir={base_dir}", "algorithm.lr_schedule=constant", *settings]
     return ["-m", "lora_runtime.cli", "train", str(CONFIG), *[a for s in kv for a in ("--set", s)]]
 
 
@@ -275,7 +275,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 def compared(out_dir: Path) -> list[dict]:
     """metrics.jsonl without the measured fields (times)."""
-    return [{k: v for k, v in json.loads(line).items() if k not in ("step_time_s", "samples_per_s")}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("step_time_s", "samples_per_s", "train_s")}
             for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -290,7 +290,7 @@ def stop_run(out_dir: Path, base_dir: Path, mode: str, stop: str, after: int, *s
 
     SIGINT goes to the whole process group (a terminal's Ctrl-C: torchrun and every rank);
     SIGTERM to torchrun alone (a scheduler), which sends it on to the ranks."""
-    proc = start_torchrun(cli_args(out_dir, base_dir, mode, "trainer.steps=1000", *settings))
+    proc = start_torchrun(cli_args(out_dir, base_dir, mode, "runner.steps=1000", *settings))
     wait_for_steps(proc, out_dir / "metrics.jsonl", after)
     if stop == "SIGINT":
         os.killpg(proc.pid, signal.SIGINT)
@@ -312,10 +312,10 @@ def test_cli_stop_and_resume_under_torchrun(tmp_path, empty_base_dir):
     One chain covers what two runs per mode did: both signals, both modes saving on a
     signal, both loading a state (each one saved by the other mode: DCP reshards)."""
     from lora_runtime.adapters import apply_and_load_adapter
-    from lora_runtime.rl.hf_loading import load_model_folder
+    from lora_runtime.rl.models import load_model_folder
 
     n = 10
-    rc, out = finish(start_torchrun(cli_args(tmp_path / "straight", empty_base_dir, "fsdp", f"trainer.steps={n}")))
+    rc, out = finish(start_torchrun(cli_args(tmp_path / "straight", empty_base_dir, "fsdp", f"runner.steps={n}")))
     assert rc == 0, out[-6000:]
     assert out.count("run: mode new") == 0 and out.count("straight: mode new") == 1, out[-3000:]  # rank 0 alone logs
     straight = compared(tmp_path / "straight")
@@ -336,7 +336,7 @@ def test_cli_stop_and_resume_under_torchrun(tmp_path, empty_base_dir):
     assert (meta["step"], meta["world_size"], meta["distributed"]) == (k2, 2, "ddp")
 
     rc, out = finish(start_torchrun(cli_args(
-        third, empty_base_dir, "fsdp", f"trainer.steps={n - k2}", f"actor.model.lora_path={second / 'adapter'}")))
+        third, empty_base_dir, "fsdp", f"runner.steps={n - k2}", f"actor.model.lora_path={second / 'adapter'}")))
     assert rc == 0, out[-6000:]
     assert f"continuing from {second / 'train_state'} (optimizer, RNG) at step {k2}" in out
     assert compared(third) == straight[k2:]
@@ -365,7 +365,7 @@ def test_killed_rank_ends_the_run_and_leaves_the_last_save(tmp_path, empty_base_
     from lora_runtime.adapters import read_adapter
 
     out_dir = tmp_path / "run"
-    proc = start_torchrun(cli_args(out_dir, empty_base_dir, "fsdp", "trainer.steps=1000", "trainer.save_every=1"))
+    proc = start_torchrun(cli_args(out_dir, empty_base_dir, "fsdp", "runner.steps=1000", "runner.save_every=1"))
     wait_for_steps(proc, out_dir / "metrics.jsonl", 3)
     os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
     rc, out = finish(proc)
@@ -385,9 +385,9 @@ def test_train_with_distributed_mode_needs_torchrun(tmp_path, monkeypatch):
 
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    overrides = ["trainer.distributed=ddp", f"trainer.output_dir={tmp_path / 'run'}"]
+    overrides = ["runner.distributed=ddp", f"runner.output_dir={tmp_path / 'run'}"]
     cfg = load_config(str(CONFIG), overrides)
-    with pytest.raises(UsageError, match=r"trainer.distributed='ddp'.*torchrun"):
+    with pytest.raises(UsageError, match=r"runner.distributed='ddp'.*torchrun"):
         train(cfg)
     assert list(tmp_path.iterdir()) == []
 
@@ -463,7 +463,7 @@ def test_wrap_actor_modes():
     model = W.build("tiny")
     assert distributed.wrap_actor(model, "none") is model
     with pytest.raises(
-        ValueError, match=r"trainer.distributed='zero3'; allowed \['none', 'fsdp', 'ddp'\]"
+        ValueError, match=r"runner.distributed='zero3'; allowed \['none', 'fsdp', 'ddp'\]"
     ):
         distributed.wrap_actor(model, "zero3")
     assert not distributed.is_sharded(model)

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from minigrid.wrappers import RGBImgPartialObsWrapper
+from support.models import collect_groups
+from support.models import step_logits as episode_logits
 from support.tiny_episodic import tiny_episodic_raw
 
 from lora_runtime.config import ConfigError, validate_config
-from lora_runtime.rl.actor_setup import episode_logits, make_task
-from lora_runtime.rl.episode_step import collect_groups, episode_advantages
-from lora_runtime.rl.episodes import ExpertPolicy, run_episodes
-from lora_runtime.rl.evaluation import evaluate
+from lora_runtime.rl.algorithms import group_advantages
 from lora_runtime.rl.models.vla import build_tiny_vla
+from lora_runtime.rl.tasks import build_task as make_task
 from lora_runtime.rl.tasks.babyai import (
     VOCABULARY,
     BabyAIAdapter,
@@ -26,7 +26,13 @@ from lora_runtime.rl.tasks.babyai import (
     mission_words,
     symbol_words,
 )
-from lora_runtime.rl.tasks.episodic import HELD_OUT_SEED, TRAIN_SEED_LIMIT, quiet
+from lora_runtime.rl.tasks.episodes import (
+    HELD_OUT_SEED,
+    TRAIN_SEED_LIMIT,
+    ExpertPolicy,
+    quiet,
+    run_episodes,
+)
 
 LEVELS = ("BabyAI-GoToRedBall-v0", "BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0", "BabyAI-OpenDoor-v0")
 
@@ -120,9 +126,9 @@ def test_encoded_observation_matches_the_adapter(tiny):
 
 def test_seed_grouped_rollout_is_reproducible_from_its_seed(tiny):
     _cfg, model, task = tiny
-    a = collect_groups(model, episode_logits, task, 3, 2, 1.0, torch.Generator().manual_seed(5))
-    b = collect_groups(model, episode_logits, task, 3, 2, 1.0, torch.Generator().manual_seed(5))
-    c = collect_groups(model, episode_logits, task, 3, 2, 1.0, torch.Generator().manual_seed(6))
+    a = collect_groups(model, task, 3, 2, 1.0, torch.Generator().manual_seed(5))
+    b = collect_groups(model, task, 3, 2, 1.0, torch.Generator().manual_seed(5))
+    c = collect_groups(model, task, 3, 2, 1.0, torch.Generator().manual_seed(6))
     assert a.seeds == b.seeds and a.seeds[0::2] == a.seeds[1::2]  # groups of 2 share a seed
     assert all(0 <= s < TRAIN_SEED_LIMIT for s in a.seeds)
     for x, y in ((a.actions, b.actions), (a.logp, b.logp), (a.returns, b.returns), (a.lengths, b.lengths),
@@ -140,7 +146,7 @@ def test_seed_grouped_rollout_is_reproducible_from_its_seed(tiny):
 def test_episode_advantages_hand_computed():
     returns = torch.tensor([0.9, 0.0, 0.5, 0.7, 0.3, 0.3])  # groups of 2: (0.9, 0), (0.5, 0.7), (0.3, 0.3)
     episode = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4, 5])
-    adv = episode_advantages(returns, episode, 2).double()
+    adv = group_advantages(returns, 2)[episode].double()
     s = 2 ** -0.5  # a pair's unbiased std is |a - b| / sqrt(2); (a - mean) / std = +-1/sqrt(2)
     want = torch.tensor([s, s, -s, -s, s, s, s, 0.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(adv, want, atol=1e-5, rtol=0)
@@ -158,14 +164,14 @@ def test_expert_succeeds_and_eval_uses_held_out_seeds_only(tiny, monkeypatch):
         return reset(*args, **kwargs)
 
     monkeypatch.setattr(task.env, "reset", spy)
-    result = evaluate(model, episode_logits, task, 6)
+    result = task.evaluate(model, 6)
     assert result["episodes"] == 6 and result["first_seed"] == HELD_OUT_SEED
     assert seen == [[HELD_OUT_SEED + i for i in range(4)], [HELD_OUT_SEED + 4] + [HELD_OUT_SEED + 5] * 3]  # spare envs repeat the last seed
-    again = evaluate(model, episode_logits, task, 6)
+    again = task.evaluate(model, 6)
     timing = ("rollout_s", "env_steps_per_s")
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in result.items() if k not in timing}
     seen.clear()
-    collect_groups(model, episode_logits, task, 2, 2, 1.0, torch.Generator().manual_seed(0))
+    collect_groups(model, task, 2, 2, 1.0, torch.Generator().manual_seed(0))
     assert seen and all(s < TRAIN_SEED_LIMIT for chunk in seen for s in chunk)
 
 
@@ -201,8 +207,8 @@ def test_text_only_language_model_reads_the_view_as_words(tiny):
     logits = episode_logits(lm, batch)  # [1, 300] at the mission's last word
     full = lm(input_ids=torch.cat([batch.symbol_ids, batch.prompt_ids], dim=1)).logits[0, 49 + batch.lengths[0] - 1]
     torch.testing.assert_close(logits[0], full)
-    a = collect_groups(lm, episode_logits, task, 2, 2, 1.0, torch.Generator().manual_seed(1))
-    b = collect_groups(lm, episode_logits, task, 2, 2, 1.0, torch.Generator().manual_seed(1))
+    a = collect_groups(lm, task, 2, 2, 1.0, torch.Generator().manual_seed(1))
+    b = collect_groups(lm, task, 2, 2, 1.0, torch.Generator().manual_seed(1))
     assert torch.equal(a.actions, b.actions) and torch.equal(a.returns, b.returns)
     with pytest.raises(ConfigError, match=r"needs a vocabulary of at least 255 token ids .* vocab_size=128"):
         make_task(cfg, LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.models import step_logits as episode_logits
 from support.tiny_episodic import tiny_episodic_raw
 from support.tiny_runs import quiet
 
@@ -16,10 +17,12 @@ from lora_runtime.adapters import adapter_disabled
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
 from lora_runtime.cli import main
 from lora_runtime.config import validate_config
-from lora_runtime.rl.actor_setup import build_actor, builtin_base_dir, episode_logits, make_task
+from lora_runtime.rl.actor_builder import build_actor
+from lora_runtime.rl.builtin_base import builtin_base_dir
 from lora_runtime.rl.outputs import read_metrics
-from lora_runtime.rl.tasks.episodic import HELD_OUT_SEED
-from lora_runtime.rl.tasks.episodic import quiet as task_quiet
+from lora_runtime.rl.tasks import build_task as make_task
+from lora_runtime.rl.tasks.episodes import HELD_OUT_SEED
+from lora_runtime.rl.tasks.episodes import quiet as task_quiet
 from lora_runtime.rl.trainer import train
 
 EPISODE_KEYS = {"success_rate", "reward_mean", "episode_len", "rollout_s", "train_s", "env_steps_per_s", "loss",

@@ -10,7 +10,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_runtime.rl import grpo
+from lora_runtime.config import ReachSection
+from lora_runtime.rl.algorithms import grpo
+from lora_runtime.rl.models import ModelInputs
+from lora_runtime.rl.policy import action_dist, action_log_probs
+from lora_runtime.rl.tasks.reach import ReachTask
 
 EPS = 0.2
 
@@ -102,67 +106,68 @@ def test_action_log_probs_keep_only_action_ids_and_apply_temperature():
     logits = torch.full((1, 6), 5.0)  # ids 0..3 are not actions and must not matter
     logits[0, 4], logits[0, 5] = 0.0, math.log(4.0)
     ids = torch.tensor([4, 5])
-    one = grpo.action_log_probs(logits, ids, temperature=1.0)
-    two = grpo.action_log_probs(logits, ids, temperature=2.0)
+    one = action_log_probs(logits, ids, temperature=1.0)
+    two = action_log_probs(logits, ids, temperature=2.0)
     assert one.dtype == torch.float32 and one.shape == (1, 2)
     assert one.exp()[0].tolist() == pytest.approx([0.2, 0.8], abs=1e-6)
     assert two.exp()[0].tolist() == pytest.approx([1 / 3, 2 / 3], abs=1e-6)  # logits / 2: 0, ln 2
-    assert torch.equal(grpo.action_log_probs(logits, ids), one)  # the default temperature is 1
+    assert torch.equal(action_log_probs(logits, ids), one)  # the default temperature is 1
 
 
-def fixed_logits_fn(row: list[float], vocab: int = 6):
-    """A `logits_fn` that ignores its inputs: the same logits at every position."""
-    base = torch.tensor(row)
+class FixedPolicy:
+    """A policy that ignores its inputs: the same tempered distribution at every position."""
 
-    def fn(model, scenes, input_ids, image_repeats):
-        n, t = input_ids.shape
-        out = torch.full((n, t, vocab), -3.0)
-        out[..., vocab - len(row):] = base
-        return out
+    def __init__(self, row: list[float], action_ids: torch.Tensor, temperature: float) -> None:
+        self.action_ids, self.logp = action_ids, torch.log_softmax(torch.tensor(row) / temperature, dim=-1)
 
-    return fn
+    def __call__(self, inputs, positions):
+        return self.logp.expand(len(inputs), positions.shape[1], -1), None  # [N, A, K]
+
+
+def reach(num_objects: int = 1) -> ReachTask:
+    """A 2x2 reach task (two action tokens of two bins) for a 16-token vocabulary."""
+    return ReachTask(ReachSection(grid=2, num_objects=num_objects, num_colors=2, noise=0.0), 4, 16)
 
 
 @pytest.mark.parametrize("temperature, p1", [(1.0, 0.8), (2.0, 2 / 3)])
-def test_sample_actions_follows_the_tempered_distribution(temperature, p1):
-    scenes = SimpleNamespace(prompt_ids=torch.tensor([[1, 2, 3]] * 50))
-    ids = torch.tensor([4, 5])
-    fn = fixed_logits_fn([0.0, math.log(4.0)])
+def test_sampling_follows_the_tempered_distribution(temperature, p1):
+    task = reach()
     gen = torch.Generator().manual_seed(0)
-    tokens, bins, logp = grpo.sample_actions(None, fn, scenes, ids, 2, 80, temperature, gen)
-    assert tokens.shape == (4000, 4) and bins.shape == (4000, 2) and logp.shape == (4000, 2)
-    assert tokens[:, 3].tolist() == ids[bins[:, 0]].tolist()  # the first action fed back
+    exp = task.collect(FixedPolicy([0.0, math.log(4.0)], task.action_ids, temperature), 50, 80, gen)
+    bins, tokens = exp.actions, exp.inputs.prompt_ids
+    assert tokens.shape == (4000, 4) and bins.shape == (4000, 2) and exp.old_logp.shape == (4000, 2)
+    assert tokens[:, 3].tolist() == task.action_ids[bins[:, 0]].tolist()  # the first action fed back
+    assert exp.positions[0].tolist() == [2, 3]  # the logits at 2 and 3 chose the two tokens
     freq = bins.float().mean().item()
     assert freq == pytest.approx(p1, abs=0.02)  # 8000 draws: std of the mean ~0.005
     expected = torch.where(bins == 1, math.log(p1), math.log(1 - p1))
-    assert torch.allclose(logp, expected.float(), atol=1e-6)  # log-prob of the chosen bin
+    assert torch.allclose(exp.old_logp, expected.float(), atol=1e-6)  # log-prob of the chosen bin
 
 
-def test_policy_log_probs_gather_the_taken_actions():
+def test_action_dist_reads_the_action_ids_at_the_positions():
     vocab, ids = 7, torch.tensor([4, 5, 6])
     logits = torch.randn(3, 5, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    rollout = SimpleNamespace(action_bins=torch.tensor([[0, 2], [1, 1], [2, 0]]), scenes=None,
-                              input_ids=torch.zeros(3, 5, dtype=torch.long), group_size=1)
-    logp, dist = grpo.policy_log_probs(None, lambda m, s, i, g: logits, rollout, ids, temperature=1.5)
-    ref = torch.log_softmax(logits[:, -2:, 4:] / 1.5, dim=-1)  # [3, 2, 3], last A positions
-    assert torch.allclose(dist.double(), ref, atol=1e-6)
+    family = SimpleNamespace(logits=lambda model, inputs: logits)
+    inputs = ModelInputs(None, None, torch.zeros(3, 5, dtype=torch.long), torch.full((3,), 5))
+    positions = torch.tensor([[3, 4], [0, 2], [4, 4]])
+    dist = action_dist(None, family, inputs, positions, ids, temperature=1.5)
     for n in range(3):
         for a in range(2):
-            assert logp[n, a].item() == pytest.approx(ref[n, a, rollout.action_bins[n, a]].item(), abs=1e-6)
+            want = torch.log_softmax(logits[n, positions[n, a], 4:] / 1.5, dim=-1)
+            assert torch.allclose(dist[n, a].double(), want, atol=1e-6)
 
 
-def test_collect_rollout_scores_and_draws_only_from_its_generator():
-    scenes = SimpleNamespace(prompt_ids=torch.tensor([[1, 2, 3]] * 4))
-    task = SimpleNamespace(num_actions=2, reward=lambda s, bins: (bins[:, 0] == 1).float())  # [B*G]
-    fn, ids = fixed_logits_fn([0.0, 0.0]), torch.tensor([4, 5])
+def test_collect_scores_and_draws_only_from_its_generator():
+    task = reach(num_objects=2)
     runs = []
     for global_seed in (0, 1):  # the global generator must not matter
         torch.manual_seed(global_seed)
-        runs.append(grpo.collect_rollout(None, fn, task, scenes, ids, 8, 1.0, torch.Generator().manual_seed(3)))
+        runs.append(task.collect(FixedPolicy([0.0, 0.0], task.action_ids, 1.0), 4, 8, torch.Generator().manual_seed(3)))
     a, b = runs
-    assert torch.equal(a.action_bins, b.action_bins) and a.action_bins.shape == (32, 2)
-    assert torch.equal(a.rewards, (a.action_bins[:, 0] == 1).float())
-    assert torch.equal(a.advantages, grpo.group_advantages(a.rewards, 8)) and a.group_size == 8
+    assert torch.equal(a.actions, b.actions) and a.actions.shape == (32, 2)
+    assert torch.equal(a.inputs.pixels, b.inputs.pixels) and a.inputs.repeats == 8  # one image per group
+    assert a.returns.shape == (32,) and set(a.returns.tolist()) <= {0.0, 1.0}
+    assert a.episode.tolist() == list(range(32)) and a.group_size == 8
     assert torch.allclose(a.old_logp, torch.full((32, 2), math.log(0.5)))
 
 
@@ -172,8 +177,12 @@ def test_update_epochs_above_one_clip(tmp_path):
     from support.tiny_runs import tiny_raw
 
     from lora_runtime.config import validate_config
-    from lora_runtime.rl.actor_setup import build_actor, logits_fn_for, make_task
-    from lora_runtime.rl.step import Reference, rl_step
+    from lora_runtime.rl.actor_builder import build_actor
+    from lora_runtime.rl.learners import learner_for
+    from lora_runtime.rl.loop import rl_step
+    from lora_runtime.rl.policy import ActorPolicy
+    from lora_runtime.rl.reference import Reference
+    from lora_runtime.rl.tasks import build_task
 
     def one_step(epochs):
         raw = tiny_raw(tmp_path / "o", tmp_path / "b", update_epochs=epochs, lr=0.5, clip_eps=0.05)
@@ -182,9 +191,10 @@ def test_update_epochs_above_one_clip(tmp_path):
         torch.manual_seed(0)
         model = build_actor(cfg, create_base=False, log=lambda m: None)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        task = make_task(cfg, model)
-        return rl_step(model, model, logits_fn_for(model), Reference(model, "new"), opt, task,
-                       cfg.trainer, torch.Generator().manual_seed(0), torch.device("cpu"))
+        task = build_task(cfg, model)
+        policy = ActorPolicy(model, task.family, task.action_ids, cfg.algorithm.temperature)
+        return rl_step(model, policy, learner_for(cfg.algorithm), task, Reference(model, "new"), opt, cfg,
+                       torch.Generator().manual_seed(0), torch.device("cpu"))
 
     assert one_step(1)["clip_frac"] == 0.0
     assert one_step(3)["clip_frac"] > 0.1

@@ -12,7 +12,7 @@ from support.tiny_episodic import tiny_episodic_raw
 
 from lora_runtime.cli import main
 from lora_runtime.config import ConfigError, validate_config
-from lora_runtime.rl.actor_setup import builtin_base_dir
+from lora_runtime.rl.builtin_base import builtin_base_dir
 from lora_runtime.rl.outputs import read_metrics
 from lora_runtime.rl.trainer import train
 
@@ -54,7 +54,7 @@ def test_entry_form_and_cli_exit_status(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"task.entry: got 'gym_corridor.make_env': expected "
                                           r"'package.module:function'"):
         validate_config(tiny_episodic_raw(tmp_path, tmp_path, task={**GYM, "entry": "gym_corridor.make_env"}))
-    with pytest.raises(ConfigError, match=r"kind 'gym' needs task.entry"):
+    with pytest.raises(ConfigError, match=r"task.entry: required key is missing"):
         validate_config(tiny_episodic_raw(tmp_path, tmp_path, task={"kind": "gym"}))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(tiny_episodic_raw(tmp_path / "run", tmp_path / "base",
@@ -67,7 +67,7 @@ def test_entry_form_and_cli_exit_status(tmp_path, capsys):
 
 def test_distributed_multi_step_runs_are_refused(tmp_path):
     raw = tiny_episodic_raw(tmp_path / "run", tmp_path / "base", distributed="ddp")
-    from lora_runtime.rl.actor_setup import check_task
+    from lora_runtime.rl.builtin_base import check_task
 
-    with pytest.raises(ConfigError, match=r"trainer.distributed='ddp' is not supported with task.kind: babyai"):
+    with pytest.raises(ConfigError, match=r"runner.distributed='ddp' is not supported with task.kind: babyai"):
         check_task(validate_config(raw))

@@ -1,4 +1,4 @@
-"""`trainer.minibatches`: PPO-style minibatch updates of the episodic GRPO step.
+"""`algorithm.minibatches`: PPO-style minibatch updates of the GRPO step.
 
 `minibatches: 1` must be the update it replaced (one AdamW step per epoch over every kept
 step), bit for bit; `M` minibatches make `M * update_epochs` optimizer steps over a random
@@ -16,31 +16,27 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.models import collect_groups
 from support.tiny_episodic import tiny_episodic_raw
 from support.tiny_runs import quiet, tiny_raw
 
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
 from lora_runtime.config import ConfigError, validate_config
-from lora_runtime.rl import grpo
-from lora_runtime.rl.actor_setup import (
-    build_actor,
+from lora_runtime.rl.actor_builder import build_actor
+from lora_runtime.rl.algorithms import group_advantages, grpo
+from lora_runtime.rl.builtin_base import (
+    base_report,
     builtin_base_dir,
     ensure_builtin_base,
-    episode_logits,
     load_base,
-    make_task,
-    measure_chance,
 )
-from lora_runtime.rl.episode_step import (
-    collect_groups,
-    episode_advantages,
-    episode_step,
-    minibatch_indices,
-)
-from lora_runtime.rl.evaluation import evaluate
+from lora_runtime.rl.learners import learner_for
+from lora_runtime.rl.loop import minibatch_indices, rl_step
 from lora_runtime.rl.outputs import read_metrics
+from lora_runtime.rl.policy import ActorPolicy, action_dist
+from lora_runtime.rl.reference import Reference
 from lora_runtime.rl.seeding import RunSeeds
-from lora_runtime.rl.step import Reference
+from lora_runtime.rl.tasks import build_task as make_task
 from lora_runtime.rl.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,33 +65,38 @@ class Setup:
         self.task = make_task(self.cfg, self.model)
         self.reference = Reference(self.model, "new")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.trainer.lr, weight_decay=0.0)
-        self.generator = RunSeeds(self.cfg.trainer.seed).generator("sampling")
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.algorithm.lr, weight_decay=0.0)
+        self.generator = RunSeeds(self.cfg.runner.seed).generator("sampling")
 
     def step(self) -> dict[str, float]:
-        return episode_step(self.model, self.model, episode_logits, self.reference, self.optimizer, self.task,
-                            self.cfg.trainer, self.generator, torch.device("cpu"))
+        policy = ActorPolicy(self.model, self.task.family, self.task.action_ids, self.cfg.algorithm.temperature)
+        return rl_step(self.model, policy, learner_for(self.cfg.algorithm), self.task, self.reference, self.optimizer,
+                       self.cfg, self.generator, torch.device("cpu"))
 
     def trained(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
 
 def one_step_per_epoch(s: Setup) -> tuple[dict[str, torch.Tensor], int]:
-    """The update before `trainer.minibatches`, written out: every epoch, one AdamW step on
+    """The update before `algorithm.minibatches`, written out: every epoch, one AdamW step on
     the mean clipped-surrogate + KL loss over all kept steps (fewer than 512 here: one pass)."""
-    cfg = s.cfg.trainer
-    eps = collect_groups(s.model, episode_logits, s.task, cfg.batch_size, cfg.group_size, cfg.temperature, s.generator)
-    adv = episode_advantages(eps.returns, eps.episode, cfg.group_size)  # [S]
+    cfg = s.cfg.algorithm
+    eps = collect_groups(s.model, s.task, cfg.batch_size, cfg.group_size, cfg.temperature, s.generator)
+    adv = group_advantages(eps.returns, cfg.group_size)[eps.episode]  # [S]
     keep = adv.ne(0).nonzero()[:, 0]  # [S']
     obs, actions, old_logp, adv = eps.obs.select(keep), eps.actions[keep], eps.logp[keep], adv[keep]
-    ids = s.task.action_ids
-    ref = s.reference.apply(lambda m: grpo.action_log_probs(episode_logits(m, obs), ids, cfg.temperature))  # [S', K]
+    ids, last = s.task.action_ids, (obs.lengths - 1)[:, None]  # [K], [S', 1]
+
+    def dists(m):  # [S', 1, K] the library's log-probs at the action position (tested in test_grpo)
+        return action_dist(m, s.task.family, obs, last, ids, cfg.temperature)
+
+    ref = s.reference.apply(dists)
     s.model.train()
     for _ in range(cfg.update_epochs):
         s.optimizer.zero_grad(set_to_none=True)
-        dist = grpo.action_log_probs(episode_logits(s.model, obs), ids, cfg.temperature)  # [S', K]
-        logp = dist.gather(-1, actions[:, None])  # [S', 1]
-        kl = grpo.kl_divergence(dist[:, None], ref[:, None])  # [S', 1]
+        dist = dists(s.model)
+        logp = dist.gather(-1, actions[:, None, None])[..., 0]  # [S', 1]
+        kl = grpo.kl_divergence(dist, ref)  # [S', 1]
         loss, _ = grpo.grpo_loss(logp, old_logp[:, None], adv, kl, cfg.clip_eps, cfg.kl_coef)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
@@ -127,7 +128,7 @@ def test_one_minibatch_is_the_one_step_per_epoch_update_bit_for_bit(base, tmp_pa
     start = a.trained()
     record = a.step()
     want, kept = one_step_per_epoch(b)
-    assert kept > 0 and record["trained_steps"] == kept
+    assert kept > 0 and record["trained_rows"] == kept
     got = a.trained()
     for name in want:
         assert torch.equal(got[name], want[name]), name
@@ -139,7 +140,7 @@ def test_one_minibatch_is_the_one_step_per_epoch_update_bit_for_bit(base, tmp_pa
 def test_m_minibatches_take_m_steps_per_epoch_reproducibly(base, tmp_path):
     runs = [Setup(base, tmp_path, update_epochs=2, minibatches=4) for _ in range(2)]
     records = [r.step() for r in runs]
-    assert records[0]["trained_steps"] >= 4
+    assert records[0]["trained_rows"] >= 4
     assert adam_steps(runs[0].optimizer) == {8}  # 4 minibatches x 2 epochs
     a, b = runs[0].trained(), runs[1].trained()
     assert all(torch.equal(a[n], b[n]) for n in a)
@@ -174,9 +175,9 @@ def test_a_resumed_minibatch_run_continues_exactly(tmp_path, base):
 
 
 @pytest.mark.parametrize("value, words", [
-    (0, ["trainer.minibatches", "got 0", "greater than or equal to 1"]),
-    (True, ["trainer.minibatches", "got True", "valid integer"]),
-    (2.5, ["trainer.minibatches", "got 2.5", "valid integer"]),
+    (0, ["algorithm.minibatches", "got 0", "greater than or equal to 1"]),
+    (True, ["algorithm.minibatches", "got True", "valid integer"]),
+    (2.5, ["algorithm.minibatches", "got 2.5", "valid integer"]),
 ])
 def test_bad_minibatches_are_refused_naming_the_key(tmp_path, value, words):
     raw = tiny_episodic_raw(tmp_path / "r", tmp_path / "b", minibatches=value)
@@ -186,14 +187,19 @@ def test_bad_minibatches_are_refused_naming_the_key(tmp_path, value, words):
     assert not os.listdir(tmp_path)
 
 
-def test_minibatches_on_the_reach_task_are_refused(tmp_path):
-    with pytest.raises(ConfigError) as err:
-        validate_config(tiny_raw(tmp_path / "r", tmp_path / "b", minibatches=2))
-    text = str(err.value)
-    assert "trainer.minibatches=2" in text and "task.kind: babyai or gym" in text and "minibatches: 1" in text
-    assert "\n  : " not in text  # a rule across sections has no empty key in front
-    assert validate_config(tiny_raw(tmp_path / "r", tmp_path / "b")).trainer.minibatches == 1
-    assert not os.listdir(tmp_path)
+def test_minibatches_run_on_the_reach_task_through_the_same_loop(tmp_path):
+    """One loop for every task: the one-step reach task takes `algorithm.minibatches` too."""
+    raw = tiny_raw(tmp_path / "r", tmp_path / "b", minibatches=2, update_epochs=2, steps=1)
+    raw["actor"]["builtin"]["pretrain_steps"] = 0
+    cfg = validate_config(raw)
+    torch.manual_seed(0)
+    model = build_actor(cfg, create_base=False, log=quiet)
+    task = make_task(cfg, model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.algorithm.lr)
+    policy = ActorPolicy(model, task.family, task.action_ids, cfg.algorithm.temperature)
+    record = rl_step(model, policy, learner_for(cfg.algorithm), task, Reference(model, "new"), opt, cfg,
+                     torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert record["trained_rows"] > 0 and adam_steps(opt) == {4}  # 2 minibatches x 2 epochs
 
 
 def test_warm_start_success_follows_eval_episodes(base, tmp_path):
@@ -215,10 +221,10 @@ def test_warm_start_success_follows_eval_episodes(base, tmp_path):
         for cfg in (four, six):
             model = load_base(cfg, create=False)
             task = make_task(cfg, model)
-            measure_chance(task, cfg)
+            task.measure_levels(base_report(cfg), lambda cfg=cfg: load_base(cfg, create=False))
             levels[cfg.task.eval_episodes] = task.levels["warm_start_success"]
             if cfg is six:
-                want = evaluate(model, episode_logits, task, 6)["success_rate"]
+                want = task.evaluate(model, 6)["success_rate"]
     finally:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f)

@@ -16,9 +16,10 @@ from support.tiny_episodic import tiny_episodic_raw
 from support.tiny_runs import quiet, tiny_raw
 
 from lora_runtime.config import ConfigError, validate_config
-from lora_runtime.rl.actor_setup import builtin_base_dir, load_base, make_task
-from lora_runtime.rl.episodes import UniformPolicy, run_episodes
+from lora_runtime.rl.builtin_base import builtin_base_dir, load_base
 from lora_runtime.rl.outputs import read_metrics
+from lora_runtime.rl.tasks import build_task as make_task
+from lora_runtime.rl.tasks.episodes import UniformPolicy, run_episodes
 from lora_runtime.rl.tasks.episodic import BOS
 from lora_runtime.rl.tasks.episodic import quiet as env_quiet
 from lora_runtime.rl.trainer import train
@@ -46,7 +47,7 @@ def test_every_recorded_prompt_ends_with_its_episodes_previous_action(trained):
         steps = (eps.episode == e).nonzero()[:, 0]  # in order
         want = [BOS] + task.action_ids[eps.actions[steps[:-1]]].tolist()
         assert last[steps].tolist() == want, e
-    plain = make_task(validate_config(tiny_episodic_raw(cfg.trainer.output_dir, cfg.trainer.base_dir)),
+    plain = make_task(validate_config(tiny_episodic_raw(cfg.runner.output_dir, cfg.runner.base_dir)),
                       load_base(cfg, create=False))
     again = run_episodes(plain, seeds, UniformPolicy(task.num_actions_per_step, torch.Generator().manual_seed(1)))
     assert torch.equal(again.actions, eps.actions)  # same episodes; the prompt is one token shorter
@@ -71,15 +72,14 @@ def test_encode_without_previous_actions_starts_an_episode(trained):
 def test_a_run_with_prev_action_trains_from_its_own_base(trained):
     root, cfg, result = trained
     records = read_metrics(os.path.join(result.output_dir, "metrics.jsonl"))
-    assert [r["step"] for r in records] == [1, 2] and sum(r["trained_steps"] for r in records) > 0
+    assert [r["step"] for r in records] == [1, 2] and sum(r["trained_rows"] for r in records) > 0
     plain = validate_config(tiny_episodic_raw(root / "run", root / "base"))
     assert builtin_base_dir(cfg) != builtin_base_dir(plain)  # a base that reads the token is cached apart
-    assert "prev_action" not in plain.task.base_recipe()  # the bases built before the key keep their folder
-    assert cfg.task.base_recipe()["prev_action"] is True
+    assert plain.task.base_recipe()["prev_action"] is False and cfg.task.base_recipe()["prev_action"] is True
 
 
 @pytest.mark.parametrize("raw, words", [
-    (lambda p: tiny_raw(p / "r", p / "b"), ["task.prev_action", "multi-step", "reach"]),
+    (lambda p: tiny_raw(p / "r", p / "b"), ["task.prev_action", "unknown key for task.kind 'reach'"]),
     (lambda p: tiny_episodic_raw(p / "r", p / "b"), ["task.prev_action", "got 'yes'", "valid boolean"]),
 ])
 def test_bad_prev_action_is_refused(tmp_path, raw, words):

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_runtime.config import BuiltinActorConfig, ConfigError, TaskConfig
+from lora_runtime.config import BuiltinActorConfig, ConfigError, ReachSection
 from lora_runtime.rl.models.vla import build_tiny_vla
-from lora_runtime.rl.pretrain import clear_action_rows, pretrain_base, where_batch
 from lora_runtime.rl.tasks.reach import BACKGROUND, PALETTE, ReachTask, TokenLayout
+from lora_runtime.rl.tasks.reach_warm_start import clear_action_rows, pretrain_base, where_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_task(grid: int = 4, objects: int = 3, colors: int = 4, noise: float = 0.0, image: int = 16, vocab: int = 32):
-    return ReachTask(TaskConfig(grid=grid, num_objects=objects, num_colors=colors, noise=noise), image, vocab)
+    return ReachTask(ReachSection(grid=grid, num_objects=objects, num_colors=colors, noise=noise), image, vocab)
 
 
 def test_token_layout_is_disjoint_with_actions_last():
@@ -38,7 +38,7 @@ def test_grid_must_divide_the_image():
 
 def test_task_config_rules():
     with pytest.raises(ValueError, match="every object needs its own colour"):
-        TaskConfig(num_objects=5, num_colors=4)
+        ReachSection(num_objects=5, num_colors=4)
 
 
 def test_scenes_are_consistent():
@@ -105,7 +105,7 @@ def test_warm_start_learns_where_and_leaves_the_policy_uniform():
     sizes = BuiltinActorConfig(image_size=8, patch_size=4, vision_dim=32, vision_layers=1, vision_heads=2,
                                vision_mlp_dim=64, text_dim=32, text_layers=2, text_heads=2, text_mlp_dim=64,
                                vocab_size=24)
-    task = ReachTask(TaskConfig(grid=2, num_objects=2, num_colors=3), 8, 24)
+    task = ReachTask(ReachSection(grid=2, num_objects=2, num_colors=3), 8, 24)
     model = build_tiny_vla(sizes)
     report = pretrain_base(model, task, steps=200, batch_size=64, lr=3e-3, seed=0)
     assert report.accuracy > 0.9 and report.steps == 200

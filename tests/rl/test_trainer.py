@@ -18,8 +18,8 @@ from support.tiny_runs import quiet, tiny_raw
 from lora_runtime.adapters import AdapterError, iter_lora_layers
 from lora_runtime.adapters.peft_format import ADAPTER_WEIGHTS_NAME
 from lora_runtime.config import validate_config
-from lora_runtime.rl.actor_setup import builtin_base_dir
-from lora_runtime.rl.hf_loading import load_model_folder
+from lora_runtime.rl.builtin_base import builtin_base_dir
+from lora_runtime.rl.models import load_model_folder
 from lora_runtime.rl.outputs import UsageError, read_metrics
 from lora_runtime.rl.trainer import train
 
@@ -92,7 +92,7 @@ def test_outputs_of_a_run(new_run, base_dir):
     meta = json.loads((out / "train_state" / "meta.json").read_text())
     assert (meta["step"], meta["world_size"], meta["mode"], meta["format"]) == (12, 1, "new", 2)
     cfg = validate_config(__import__("yaml").safe_load((out / "config.yaml").read_text()))
-    assert os.path.abspath(cfg.trainer.base_dir) == str(base_dir)
+    assert os.path.abspath(cfg.runner.base_dir) == str(base_dir)
 
 
 def test_resume_continues_exactly(tmp_path, base_dir):
@@ -159,7 +159,7 @@ def test_existing_results_are_not_overwritten(tmp_path, base_dir):
     out = tmp_path / "run"
     run(tiny_raw(out, base_dir, steps=2))
     before = snapshot_files(out)
-    with pytest.raises(UsageError, match=r"trainer.output_dir='.*run' already holds the results of a run .*trainer.overwrite=true"):
+    with pytest.raises(UsageError, match=r"runner.output_dir='.*run' already holds the results of a run .*runner.overwrite=true"):
         run(tiny_raw(out, base_dir, steps=2, seed=3))
     assert snapshot_files(out) == before
     run(tiny_raw(out, base_dir, steps=2, seed=3, overwrite=True))
@@ -183,7 +183,7 @@ def test_rank_mismatch_is_refused(new_run, tmp_path, base_dir):
 
 def test_unwritable_output_dir_is_refused(tmp_path, base_dir):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UsageError, match=r"trainer.output_dir='.*file/out' cannot be created: .* is a file"):
+    with pytest.raises(UsageError, match=r"runner.output_dir='.*file/out' cannot be created: .* is a file"):
         run(tiny_raw(tmp_path / "file" / "out", base_dir))
     assert (tmp_path / "file").read_text() == "x"
 
@@ -191,7 +191,7 @@ def test_unwritable_output_dir_is_refused(tmp_path, base_dir):
 def test_distributed_needs_a_process_group(tmp_path, base_dir, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(UsageError, match="trainer.distributed='ddp'"):
+    with pytest.raises(UsageError, match="runner.distributed='ddp'"):
         run(tiny_raw(tmp_path / "out", base_dir, distributed="ddp"))
     assert not (tmp_path / "out").exists()
 
@@ -224,15 +224,15 @@ def test_transformers_causal_lm_trains_on_scene_tokens(tmp_path, base_dir, tiny_
 
 
 def test_cosine_schedule_runs_from_lr_to_min_ratio():
-    from lora_runtime.config import TrainerConfig
-    from lora_runtime.rl.step import lr_at
+    from lora_runtime.config import GRPOConfig
+    from lora_runtime.rl.loop import lr_at
 
-    cfg = TrainerConfig(steps=11, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1)
-    values = [lr_at(cfg, i) for i in range(11)]
+    cfg = GRPOConfig(lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1)
+    values = [lr_at(cfg, 11, i) for i in range(11)]
     assert values[0] == pytest.approx(1e-3) and values[-1] == pytest.approx(1e-4)
     assert values[5] == pytest.approx(0.55e-3)
     assert all(a > b for a, b in itertools.pairwise(values))
-    assert lr_at(TrainerConfig(steps=11, lr=1e-3), 7) == 1e-3
+    assert lr_at(GRPOConfig(lr=1e-3), 11, 7) == 1e-3
 
 
 def test_schedule_is_applied_each_step(tmp_path, base_dir):
@@ -282,7 +282,7 @@ def test_train_state_of_another_world_size_is_refused(tmp_path, base_dir):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "world_size": 2}))
     with pytest.raises(UsageError, match=r"train_state: the training state was saved by 2 process\(es\), this run has 1; "
-                       r".*--nproc_per_node 2 or start with a fresh optimizer: --set trainer.resume_train_state=false"):
+                       r".*--nproc_per_node 2 or start with a fresh optimizer: --set runner.resume_train_state=false"):
         run(tiny_raw(tmp_path / "second", base_dir, mode="resume", lora_path=first / "adapter", steps=2))
     assert not (tmp_path / "second").exists()
     meta_path.write_text(json.dumps({**meta, "format": 1}))
@@ -296,7 +296,7 @@ def test_train_state_of_another_world_size_is_refused(tmp_path, base_dir):
 
 def test_prepare_actor_draws_adapters_from_the_given_generator(base_dir):
     from lora_runtime.actor import prepare_actor
-    from lora_runtime.rl.actor_setup import load_base
+    from lora_runtime.rl.builtin_base import load_base
 
     cfg = validate_config(tiny_raw(base_dir / "x", base_dir))
     adapters = []

@@ -12,10 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_runtime.adapters import LoRALinear, apply_lora, iter_lora_layers
+from lora_runtime.adapters import (
+    DEFAULT_TARGETS,
+    LoRALinear,
+    apply_lora,
+    iter_lora_layers,
+)
 from lora_runtime.adapters.targets import matches_target
-from lora_runtime.config import DEFAULT_TARGETS, BuiltinActorConfig, ConfigError
-from lora_runtime.rl.hf_loading import load_model_folder, read_model_folder, save_model_folder
+from lora_runtime.config import BuiltinActorConfig, ConfigError
+from lora_runtime.rl.models import load_model_folder, read_model_folder, save_model_folder
 from lora_runtime.rl.models.vla import MODEL_TYPE, TinyVLA, build_tiny_vla
 
 SIZES = {

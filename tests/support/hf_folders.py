@@ -9,8 +9,7 @@ import os
 import torch
 from torch import nn
 
-from lora_runtime.adapters import apply_lora, iter_lora_layers
-from lora_runtime.config import DEFAULT_TARGETS
+from lora_runtime.adapters import DEFAULT_TARGETS, apply_lora, iter_lora_layers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -48,3 +48,28 @@ def make_patched_model(kind: str, dtype: torch.dtype = torch.float32, std: float
         )
     randomize_lora(model, std=std)
     return model.to(dtype).eval()
+
+
+def step_logits(model, obs):
+    """`[N, V]` logits at each prompt's last token (where a multi-step task reads its action),
+    through the model's family (the built-in VLA or a transformers LM)."""
+    import torch
+
+    from lora_runtime.rl.models import family_of
+
+    logits = family_of(model).logits(model, obs)  # [N, T, V]
+    return logits[torch.arange(len(obs), device=logits.device), obs.lengths.to(logits.device) - 1]
+
+
+def collect_groups(model, task, num_seeds, group_size, temperature, generator):
+    """The episodes of GRPO's rollout on a multi-step task (`Episodes`, with their seeds and
+    lengths): `num_seeds` training seeds from `generator`, each played `group_size` times."""
+    import torch
+
+    from lora_runtime.rl.policy import ActorPolicy
+    from lora_runtime.rl.tasks.episodes import ModelPolicy, draw_seeds, run_episodes
+
+    seeds = [s for s in draw_seeds(generator, num_seeds) for _ in range(group_size)]
+    policy = ActorPolicy(model, task.family, task.action_ids, temperature)
+    with torch.no_grad():
+        return run_episodes(task, seeds, ModelPolicy(policy, generator, False))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from support.tiny_runs import sections
+
 BUILTIN = {
     "image_size": 14, "patch_size": 7, "vision_dim": 16, "vision_layers": 1, "vision_heads": 2,
     "vision_mlp_dim": 32, "text_dim": 16, "text_layers": 1, "text_heads": 2, "text_mlp_dim": 32,
@@ -20,15 +22,18 @@ TASK = {"kind": "babyai", "env_id": "BabyAI-GoToRedBall-v0", "num_envs": 4, "max
 
 
 def tiny_episodic_raw(output_dir, base_dir, mode: str = "new", lora_path=None, task: dict | None = None,
-                      **trainer: Any) -> dict[str, Any]:
-    """A babyai run config dict at toy sizes; `task` and `trainer` entries override the defaults."""
+                      algorithm: dict[str, Any] | None = None, **keys: Any) -> dict[str, Any]:
+    """A babyai run config dict at toy sizes; `task` entries and `keys` (runner or algorithm
+    keys) override the defaults; `algorithm` replaces the algorithm section (e.g. PPO's)."""
     model = {"is_lora": mode != "full", "lora_rank": 4, "lora_path": None if lora_path is None else str(lora_path)}
-    cfg = {
+    defaults = {
         "output_dir": str(output_dir), "base_dir": str(base_dir), "steps": 2, "batch_size": 2,
         "group_size": 4, "lr": 1.0e-2, "seed": 2,  # seed 2: groups with differing returns in both iterations (seed 1 has none, so no update)
         "num_threads": 1, "progress": False, "plot": False, "kl_coef": 0.01,
         "lr_schedule": "constant",
     }
-    cfg.update(trainer)
-    return {"actor": {"model": model, "builtin": copy.deepcopy(BUILTIN)}, "task": {**TASK, **(task or {})},
-            "trainer": cfg}
+    task = {**TASK, **(task or {})}
+    if task["kind"] != "babyai":  # env_id is babyai's own key
+        task.pop("env_id")
+    return {"actor": {"model": model, "builtin": copy.deepcopy(BUILTIN)}, "task": task,
+            **sections(defaults, keys, algorithm)}

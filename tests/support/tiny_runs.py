@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from lora_runtime.config.loading import MOVED_TRAINER_KEYS
+
 BUILTIN = {
     "image_size": 8, "patch_size": 4, "vision_dim": 32, "vision_layers": 1, "vision_heads": 2,
     "vision_mlp_dim": 64, "text_dim": 32, "text_layers": 2, "text_heads": 2, "text_mlp_dim": 64,
@@ -19,16 +21,30 @@ BUILTIN = {
 TASK = {"grid": 2, "num_objects": 2, "num_colors": 3}
 
 
-def tiny_raw(output_dir, base_dir, mode: str = "new", lora_path=None, **trainer: Any) -> dict[str, Any]:
-    """A run config dict at toy sizes; `trainer` entries override the defaults below."""
+def sections(defaults: dict[str, Any], keys: dict[str, Any], algorithm: dict[str, Any] | None) -> dict[str, Any]:
+    """`{"algorithm": ..., "runner": ...}` from flat `defaults` updated by `keys` (each key goes
+    to the section that holds it); `algorithm` (e.g. `{"name": "ppo", ...}`) replaces the
+    algorithm's keys of the defaults."""
+    flat = {**defaults, **keys}
+    runner = {k: v for k, v in flat.items() if MOVED_TRAINER_KEYS.get(k) == "runner"}
+    unknown = set(flat) - set(MOVED_TRAINER_KEYS)
+    assert not unknown, f"not a runner or algorithm key: {sorted(unknown)}"
+    if algorithm is not None:
+        return {"algorithm": {**algorithm, **{k: v for k, v in keys.items() if k not in runner}}, "runner": runner}
+    return {"algorithm": {k: v for k, v in flat.items() if k not in runner}, "runner": runner}
+
+
+def tiny_raw(output_dir, base_dir, mode: str = "new", lora_path=None, algorithm: dict[str, Any] | None = None,
+             **keys: Any) -> dict[str, Any]:
+    """A run config dict at toy sizes; `keys` (runner or algorithm keys) override the defaults."""
     model = {"is_lora": mode != "full", "lora_rank": 4, "lora_path": None if lora_path is None else str(lora_path)}
-    cfg = {
+    defaults = {
         "output_dir": str(output_dir), "base_dir": str(base_dir), "steps": 6, "batch_size": 16,
         "group_size": 4, "lr": 1.0e-2 if mode != "full" else 3.0e-3, "num_threads": 1,
         "progress": False, "plot": False, "kl_coef": 0.01,
     }
-    cfg.update(trainer)
-    return {"actor": {"model": model, "builtin": copy.deepcopy(BUILTIN)}, "task": dict(TASK), "trainer": cfg}
+    return {"actor": {"model": model, "builtin": copy.deepcopy(BUILTIN)}, "task": dict(TASK),
+            **sections(defaults, keys, algorithm)}
 
 
 def quiet(message: str) -> None:

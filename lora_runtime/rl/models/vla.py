@@ -288,7 +288,7 @@ def build_tiny_vla(cfg: BuiltinActorConfig) -> TinyVLA:
 
     The global RNG is left as it was (the constructors' default init runs on a fork of it).
     These are the weights before the warm start: the base a run trains from is built by
-    `lora_runtime.rl.actor_setup.ensure_builtin_base`.
+    `lora_runtime.rl.builtin_base.ensure_builtin_base`.
     """
     with torch.random.fork_rng(devices=[]):
         model = TinyVLA(cfg)

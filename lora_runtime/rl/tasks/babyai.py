@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from lora_runtime.config import ConfigError
+from lora_runtime.config import BabyAISection, ConfigError, RunConfig
+from lora_runtime.rl.tasks.episodic import EpisodicTask
 
 # The BabyAI grammar (minigrid/envs/babyai/core/verifier.py: ObjDesc.surface and the
 # instructions' surface()): verbs, articles, colours, object types, locations, connectives.
@@ -220,3 +221,25 @@ def make_babyai_env(env_id: str, max_episode_steps: int | None = None) -> Any:
 
     kwargs = {"max_steps": max_episode_steps} if max_episode_steps is not None else {}
     return gym.make(env_id, **kwargs)
+
+
+class BabyAITask(EpisodicTask):
+    """`task.kind: babyai`: `task.num_envs` environments of the level `task.env_id`."""
+
+    section = BabyAISection
+
+    @classmethod
+    def check(cls, run_cfg: RunConfig) -> None:
+        super().check(run_cfg)
+        check_env_id(run_cfg.task.env_id)
+
+    @classmethod
+    def environment(cls, run_cfg: RunConfig, image_size: int | None) -> tuple[str, Callable[[], Any], BabyAIAdapter]:
+        t = run_cfg.task
+        if image_size is not None and image_size % VIEW:
+            raise ConfigError(
+                f"task.kind: babyai renders the {VIEW}x{VIEW} partial view, so actor.builtin.image_size must be a "
+                f"multiple of {VIEW} (got {image_size}; e.g. 28 with patch_size 4: one patch per cell)"
+            )
+        adapter = BabyAIAdapter(t.env_id, (image_size or VIEW) // VIEW)
+        return t.env_id, lambda: make_babyai_env(t.env_id, t.max_episode_steps), adapter

@@ -28,67 +28,42 @@ policy that turns left, then right, sees the same view again and loops forever).
 
 from __future__ import annotations
 
-import contextlib
-import io
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from lora_runtime.config import ConfigError
+from lora_runtime.config import ConfigError, EpisodicSection, RunConfig
+from lora_runtime.rl.models import BOS, PAD, ModelFamily, ModelInputs
+from lora_runtime.rl.policy import ActorPolicy
+from lora_runtime.rl.supervised import fit
+from lora_runtime.rl.tasks.base import Experience, Task
+from lora_runtime.rl.tasks.episodes import (
+    ExpertPolicy,
+    ModelPolicy,
+    action_positions,
+    draw_seeds,
+    held_out_seeds,
+    quiet,
+    random_baseline,
+    run_episodes,
+)
 
-PAD, BOS = 0, 1
-TRAIN_SEED_LIMIT = 2**30  # training and warm-start episodes use seeds below this ...
-HELD_OUT_SEED = 2**30  # ... evaluation uses HELD_OUT_SEED, HELD_OUT_SEED + 1, ...
-EpisodeLimit = 10_000  # a cap for environments without a time limit
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silences stdout (minigrid prints "Sampling rejected: ..." while generating levels)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-@dataclass
-class ObsBatch:
-    """`N` encoded observations."""
-
-    pixels: torch.Tensor | None  # [N, 3, H, W] uint8 (built-in actor), else None
-    symbol_ids: torch.Tensor | None  # [N, S] (text-only language models), else None
-    prompt_ids: torch.Tensor  # [N, T] BOS + instruction, right-padded with PAD
-    lengths: torch.Tensor  # [N] prompt lengths (the action is read at lengths - 1)
-
-    def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ObsBatch:
-        return ObsBatch(*(None if t is None else fn(t) for t in (self.pixels, self.symbol_ids, self.prompt_ids, self.lengths)))
-
-    def to(self, device: torch.device | str) -> ObsBatch:
-        return self._map(lambda t: t.to(device))
-
-    def select(self, index: torch.Tensor | slice) -> ObsBatch:
-        """The observations at `index` (rows)."""
-        return self._map(lambda t: t[index])
-
-    @staticmethod
-    def cat(batches: Sequence[ObsBatch]) -> ObsBatch:
-        """Concatenates batches (prompts padded to the longest)."""
-        width = max(b.prompt_ids.shape[1] for b in batches)
-        prompts = [torch.nn.functional.pad(b.prompt_ids, (0, width - b.prompt_ids.shape[1]), value=PAD) for b in batches]
-
-        def join(name: str) -> torch.Tensor | None:
-            parts = [getattr(b, name) for b in batches]
-            return None if parts[0] is None else torch.cat(parts)
-
-        return ObsBatch(join("pixels"), join("symbol_ids"), torch.cat(prompts), join("lengths"))
+EPISODE_LIMIT = 10_000  # a cap for environments without a time limit
+WARMUP_STEPS = 20  # the behaviour cloning's learning-rate warm-up
+DEMO_SEED_OFFSET = 20_000  # the expert's episodes draw their seeds from actor.builtin.seed + this
 
 
-class EpisodicTask:
-    """Environments plus adapter, sized for one actor.
+class EpisodicTask(Task):
+    """Environments plus adapter, sized for one actor: the base of the gymnasium tasks
+    (`babyai`, `gym`), which differ only in how they make an environment and its adapter.
+
+    Rollouts: `num_groups` training seeds from the trainer's generator, each played
+    `group_size` times (same layout and mission, different sampled actions); every step of
+    an episode is a row of the `Experience`, the episode's return its group's input.
 
     Args:
         name: what `describe()` calls the task (e.g. the level id).
@@ -100,13 +75,20 @@ class EpisodicTask:
         max_episode_steps: a cap on episode length (None: the environment's own limit).
         prev_action: end each prompt with the environment's previous action token (BOS at
             an episode's first step): one step of memory, so a greedy policy can break loops.
+        family: the actor's model family (None: no model calls, e.g. for the expert alone).
+        cfg: the task section (bc_episodes, eval_episodes for the warm start and `evaluate`).
 
     Raises:
         ConfigError: an action space that is not Discrete, or a vocabulary too small.
     """
 
+    section = EpisodicSection
+    splits_over_ranks = False  # ranks would play episodes of different lengths
+    held_out_eval = True
+
     def __init__(self, name: str, make_env: Callable[[], Any], adapter: Any, num_envs: int, vocab_size: int,
-                 image_size: int | None, max_episode_steps: int | None = None, prev_action: bool = False) -> None:
+                 image_size: int | None, max_episode_steps: int | None = None, prev_action: bool = False,
+                 family: ModelFamily | None = None, cfg: EpisodicSection | None = None) -> None:
         import gymnasium as gym  # deferred: optional dependency
 
         self.name, self.adapter, self.num_envs, self.image_size = name, adapter, num_envs, image_size
@@ -115,7 +97,8 @@ class EpisodicTask:
         if not isinstance(space, gym.spaces.Discrete):
             raise ConfigError(f"task {name!r}: the action space is {space}; only Discrete(K) action spaces map to action tokens")
         self.num_actions_per_step = int(space.n)
-        self.max_episode_steps = max_episode_steps or EpisodeLimit
+        self.max_episode_steps = max_episode_steps or EPISODE_LIMIT
+        self.family, self.cfg = family, cfg
         words = list(adapter.vocabulary)
         if image_size is None:
             if not hasattr(adapter, "symbols"):
@@ -134,13 +117,38 @@ class EpisodicTask:
         self.levels: dict[str, float] = {}  # reference success rates written into every metrics line
         self.prev_action = prev_action  # the prompt ends with the previous action's token
 
+    @classmethod
+    def environment(cls, run_cfg: RunConfig, image_size: int | None) -> tuple[str, Callable[[], Any], Any]:
+        """`(name, make_env, adapter)` of the task's environments for an actor reading images of
+        `image_size` (None: words). What the gymnasium tasks differ in.
+
+        Raises:
+            ConfigError: the environment does not fit the actor.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, run_cfg: RunConfig, model: nn.Module, family: ModelFamily) -> EpisodicTask:
+        """The task of `run_cfg.task` for `model`: images for the built-in actor, words otherwise."""
+        cls.check(run_cfg)
+        name, make_env, adapter = cls.environment(run_cfg, family.image_size(model))
+        t = run_cfg.task
+        with quiet():
+            task = cls(name, make_env, adapter, t.num_envs, family.vocab_size(model), family.image_size(model),
+                       t.max_episode_steps, t.prev_action, family, t)
+        return task
+
+    @property
+    def title(self) -> str:
+        return self.name
+
     @property
     def num_actions(self) -> int:
         return 1  # one action token per environment step
 
     def describe(self) -> str:
         return (f"{self.name}: {self.num_envs} environments, {self.num_actions_per_step} action tokens, "
-                f"{'RGB partial view ' + str(self.image_size) + 'px' if self.image_size else 'view as words'} + mission")
+                f"{'view as ' + str(self.image_size) + 'px image' if self.image_size else 'view as words'} + mission")
 
     def ids(self, words: Sequence[str], what: str) -> list[int]:
         try:
@@ -148,8 +156,8 @@ class EpisodicTask:
         except KeyError as exc:
             raise ConfigError(f"task {self.name!r}: the {what} word {exc.args[0]!r} is not in the adapter's vocabulary") from None
 
-    def encode(self, observations: Sequence[Any], previous: Sequence[int] | None = None) -> ObsBatch:
-        """Observations -> an `ObsBatch` (CPU tensors).
+    def encode(self, observations: Sequence[Any], previous: Sequence[int] | None = None) -> ModelInputs:
+        """Observations -> an `ModelInputs` (CPU tensors).
 
         `previous`: with `prev_action`, each environment's previous action (-1 or None: an
         episode's first step), appended to the prompt as its action token (BOS for -1).
@@ -175,10 +183,98 @@ class EpisodicTask:
             pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W]
         else:
             symbols = torch.tensor([self.ids(self.adapter.symbols(o), "observation") for o in observations])  # [N, S]
-        return ObsBatch(pixels, symbols, prompt_ids, lengths)
+        return ModelInputs(pixels, symbols, prompt_ids, lengths)
 
     def split(self, batched: Any) -> list[Any]:
         """A vector environment's batched observation -> one observation per environment."""
         from gymnasium.vector.utils import iterate  # deferred: optional dependency
 
         return list(iterate(self.env.observation_space, batched))
+
+    def example_inputs(self) -> ModelInputs:
+        with quiet():
+            observations, _ = self.env.reset(seed=0)
+        return self.encode(self.split(observations))
+
+    @torch.no_grad()
+    def collect(self, policy: ActorPolicy, num_groups: int, group_size: int, generator: torch.Generator) -> Experience:
+        """Whole episodes, seed-grouped. Reproducible: the same generator state gives the same
+        seeds, actions and returns."""
+        seeds = [s for s in draw_seeds(generator, num_groups) for _ in range(group_size)]
+        eps = run_episodes(self, seeds, ModelPolicy(policy, generator, False))
+        stats = {**eps.stats(), "reward_std": eps.returns.std().item()}
+        return Experience(eps.obs, action_positions(eps.obs), eps.actions[:, None], eps.logp[:, None],
+                          stats, int(stats["env_steps"]), episode=eps.episode, returns=eps.returns,
+                          group_size=group_size, drop_flat_groups=True)
+
+    def evaluate(self, model: nn.Module, episodes: int | None, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Greedy success rate, mean return and length over the first held-out seeds.
+
+        Args:
+            model: the actor (left in eval mode).
+            episodes: how many held-out seeds (None: `task.eval_episodes`).
+            device: where the model runs.
+
+        Returns:
+            `{"success_rate", "reward_mean", "episode_len", "episodes", "first_seed", ...}`.
+        """
+        n = episodes or self.cfg.eval_episodes
+        model.eval()
+        seeds = held_out_seeds(n)
+        policy = ActorPolicy(model, self.family, self.action_ids.to(device), 1.0)
+        with torch.no_grad():
+            result = run_episodes(self, seeds, ModelPolicy(policy, None, True), record=False)
+        return {**result.stats(), "episodes": n, "first_seed": seeds[0]}
+
+    def warm_start(self, model: nn.Module, run_cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
+        """Behaviour cloning from the adapter's expert (BabyAI: minigrid's `BabyAIBot`).
+
+        The expert plays `task.bc_episodes` episodes on training seeds; the actor learns its
+        actions by cross-entropy over the action tokens at each step, for
+        `actor.builtin.pretrain_steps` AdamW steps (`supervised.fit`). Then the warm start's
+        greedy held-out success and the random policy's are measured and kept in the report.
+        """
+        if not hasattr(self.adapter, "expert"):
+            log("the task's adapter has no expert(env): the base is the seeded init, without a warm start")
+            return {"steps": 0, "note": "no expert: no warm start"}
+        b, t = run_cfg.actor.builtin, run_cfg.task
+        with torch.random.fork_rng(devices=[]):
+            gen = torch.Generator().manual_seed(DEMO_SEED_OFFSET + b.seed)
+            demos = run_episodes(self, draw_seeds(gen, t.bc_episodes), ExpertPolicy(self.adapter))
+            n = len(demos.actions)
+            log(f"warm start: {t.bc_episodes} expert episodes, {n} steps (expert success "
+                f"{demos.stats()['success_rate']:.3f}); behaviour cloning for {b.pretrain_steps} steps")
+            last = action_positions(demos.obs)[:, 0]  # [n]
+
+            def loss_at(step: int) -> torch.Tensor:
+                idx = torch.randint(0, n, (min(b.pretrain_batch_size, n),), generator=gen)  # [b]
+                logits = self.family.logits(model, demos.obs.select(idx))  # [b, T, V]
+                logits = logits[torch.arange(len(idx)), last[idx]].index_select(-1, self.action_ids)  # [b, K]
+                return F.cross_entropy(logits.float(), demos.actions[idx])
+
+            loss = fit(model, b.pretrain_steps, b.pretrain_lr, WARMUP_STEPS, loss_at)
+            warm = self.evaluate(model, t.eval_episodes)
+            rand = random_baseline(self)
+        log(f"warm start: loss {loss:.4f}; greedy held-out success {warm['success_rate']:.3f} "
+            f"(return {warm['reward_mean']:.3f}); random policy {rand['success_rate']:.3f} (return {rand['reward_mean']:.3f})")
+        return {
+            "demo_episodes": t.bc_episodes, "demo_steps": n, "expert_success": round(demos.stats()["success_rate"], 5),
+            "steps": b.pretrain_steps, "final_loss": round(loss, 5),
+            "warm_start_success": round(warm["success_rate"], 5), "warm_start_return": round(warm["reward_mean"], 5),
+            "eval_episodes": t.eval_episodes,
+            "random_success": round(rand["success_rate"], 5), "random_return": round(rand["reward_mean"], 5),
+        }
+
+    def measure_levels(self, base_report: dict[str, Any] | None, base: Callable[[], nn.Module]) -> None:
+        """The random policy's mean return (`chance_reward`) and success, and the warm start's
+        greedy held-out success (from the built-in base's report; measured again when the
+        base was cached with another `task.eval_episodes`, which is not part of its hash)."""
+        rand = random_baseline(self)
+        self.chance_reward = rand["reward_mean"]
+        self.levels = {"random_success": rand["success_rate"]}
+        report = dict(base_report or {})
+        if "warm_start_success" in report and report.get("eval_episodes") != self.cfg.eval_episodes:
+            with torch.random.fork_rng(devices=[]):
+                report["warm_start_success"] = round(self.evaluate(base(), None)["success_rate"], 5)
+        if "warm_start_success" in report:
+            self.levels["warm_start_success"] = report["warm_start_success"]

@@ -14,7 +14,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from lora_runtime.config import ConfigError
+from lora_runtime.config import ConfigError, GymSection, RunConfig
+from lora_runtime.rl.tasks.episodic import EpisodicTask
 
 REQUIRED = ("vocabulary", "words")
 
@@ -57,3 +58,20 @@ def make_gym_env(entry: str) -> tuple[Any, Any]:
     if missing:
         raise ConfigError(f"task.entry={entry!r}: the adapter {type(result[1]).__name__} lacks {', '.join(missing)}")
     return result
+
+
+class GymTask(EpisodicTask):
+    """`task.kind: gym`: `task.num_envs` environments from the entry point `task.entry`."""
+
+    section = GymSection
+
+    @classmethod
+    def check(cls, run_cfg: RunConfig) -> None:
+        super().check(run_cfg)
+        load_entry(run_cfg.task.entry)
+
+    @classmethod
+    def environment(cls, run_cfg: RunConfig, image_size: int | None) -> tuple[str, Callable[[], Any], Any]:
+        entry = run_cfg.task.entry
+        _, adapter = make_gym_env(entry)
+        return entry, lambda: make_gym_env(entry)[0], adapter

@@ -17,11 +17,19 @@ can do no better than `1 / num_objects` (pick one of the objects).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
-from lora_runtime.config import ConfigError, TaskConfig
+from lora_runtime.config import ConfigError, ReachSection, RunConfig
+from lora_runtime.rl.models import ModelFamily, ModelInputs
+from lora_runtime.rl.policy import ActorPolicy, gumbel_sample
+from lora_runtime.rl.seeding import base_seeds
+from lora_runtime.rl.tasks.base import Experience, Task
+from lora_runtime.rl.tasks.reach_warm_start import clear_action_rows, pretrain_base
 
 # RGB of each colour word, in token order.
 PALETTE: tuple[tuple[str, tuple[float, float, float]], ...] = (
@@ -45,7 +53,7 @@ class TokenLayout:
     `0` is left for padding; then BOS, GO, WHERE, one word per colour, one scene token per
     cell state (empty or a colour; text-only actors read the board this way), one number
     word per row/column index (the built-in base's pretraining answers, see
-    `lora_runtime.rl.pretrain`); the action tokens are the last `grid` ids.
+    `lora_runtime.rl.tasks.reach_warm_start`); the action tokens are the last `grid` ids.
     """
 
     vocab_size: int
@@ -100,19 +108,22 @@ class Scenes:
         return Scenes(*(t.to(device) for t in (self.pixel_values, self.scene_ids, self.prompt_ids, self.target)))
 
 
-class ReachTask:
+class ReachTask(Task):
     """Samples scenes and scores actions.
 
     Args:
         cfg: the `task` section.
         image_size: side of the rendered image in pixels (the actor's input size).
         vocab_size: the actor's vocabulary size.
+        family: the actor's model family (None: scenes only, no rollouts).
 
     Raises:
         ConfigError: the board does not divide the image, or the vocabulary is too small.
     """
 
-    def __init__(self, cfg: TaskConfig, image_size: int, vocab_size: int) -> None:
+    section = ReachSection
+
+    def __init__(self, cfg: ReachSection, image_size: int, vocab_size: int, family: ModelFamily | None = None) -> None:
         if image_size % cfg.grid:
             raise ConfigError(
                 f"task.grid={cfg.grid} does not divide the actor's image size {image_size} "
@@ -123,11 +134,23 @@ class ReachTask:
         self.cell = image_size // cfg.grid
         self.tokens = TokenLayout.for_vocab(vocab_size, cfg.grid, cfg.num_colors)
         self.palette = torch.tensor([rgb for _, rgb in PALETTE[: cfg.num_colors]])  # [C, 3]
+        self.family = family
+        self.action_ids = torch.tensor(self.tokens.actions)  # [grid]
+        self.levels = {}
+
+    @classmethod
+    def build(cls, run_cfg: RunConfig, model: nn.Module, family: ModelFamily) -> ReachTask:
+        image_size = family.image_size(model)  # a text-only model reads one token per cell
+        return cls(run_cfg.task, image_size or run_cfg.task.grid, family.vocab_size(model), family)
 
     @property
     def chance_reward(self) -> float:
         """Expected reward of a uniformly random cell: exactly `1 / grid**2`."""
         return 1.0 / self.cfg.grid**2
+
+    @property
+    def title(self) -> str:
+        return f"reach {self.cfg.grid}x{self.cfg.grid}"
 
     @property
     def num_actions(self) -> int:
@@ -184,3 +207,48 @@ class ReachTask:
         group = action_bins.shape[0] // len(scenes)
         target = scenes.target.to(action_bins.device).repeat_interleave(group, dim=0)  # [B*G, 2]
         return (action_bins == target).all(dim=1).float()
+
+    def inputs(self, scenes: Scenes, prompt_ids: torch.Tensor, repeats: int) -> ModelInputs:
+        """What the actor reads: the scenes' images (or boards as words) and `[B*repeats, T]` prompts."""
+        lengths = torch.full((prompt_ids.shape[0],), prompt_ids.shape[1], device=prompt_ids.device)
+        return ModelInputs(scenes.pixel_values, scenes.scene_ids, prompt_ids, lengths, repeats)
+
+    def example_inputs(self) -> ModelInputs:
+        scenes = self.sample(2, torch.Generator().manual_seed(0))
+        actions = torch.full((2, NUM_ACTION_TOKENS - 1), self.tokens.actions[0])  # placeholders: causal logits
+        return self.inputs(scenes, torch.cat([scenes.prompt_ids, actions], dim=1), 1)  # [2, 3 + A - 1]
+
+    @torch.no_grad()
+    def collect(self, policy: ActorPolicy, num_groups: int, group_size: int, generator: torch.Generator) -> Experience:
+        """`num_groups` scenes, `group_size` answers each, sampled one action token at a time."""
+        action_ids = policy.action_ids
+        device = action_ids.device
+        scenes = self.sample(num_groups, generator).to(device)
+        ids = scenes.prompt_ids.repeat_interleave(group_size, dim=0)  # [B*G, 3]
+        bins, logps = [], []
+        for i in range(NUM_ACTION_TOKENS):
+            last = torch.full((len(ids), 1), ids.shape[1] - 1, device=device)  # [B*G, 1]
+            logp = policy(self.inputs(scenes, ids, group_size), last)[0][:, 0]  # [B*G, K]
+            choice = gumbel_sample(logp, generator)  # [B*G]
+            bins.append(choice)
+            logps.append(logp.gather(-1, choice[:, None])[:, 0])
+            if i + 1 < NUM_ACTION_TOKENS:
+                ids = torch.cat([ids, action_ids[choice][:, None]], dim=1)  # [B*G, T + 1]
+        rewards = self.reward(scenes, torch.stack(bins, dim=1))  # [B*G]
+        t = ids.shape[1]
+        positions = torch.arange(t - NUM_ACTION_TOKENS, t, device=device).expand(len(ids), -1)  # [B*G, A]
+        return Experience(self.inputs(scenes, ids, group_size), positions, torch.stack(bins, dim=1),
+                          torch.stack(logps, dim=1),
+                          {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item()}, len(ids),
+                          episode=torch.arange(len(ids), device=device), returns=rewards, group_size=group_size)
+
+    def warm_start(self, model: nn.Module, run_cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
+        """The built-in base learns "where is <colour>?" in number words, never the action tokens
+        (`reach_warm_start`); then the action tokens' output rows are zeroed."""
+        b = run_cfg.actor.builtin
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(base_seeds(b.seed)[1])  # nothing in the warm start draws unseeded
+            report = pretrain_base(model, self, b.pretrain_steps, b.pretrain_batch_size, b.pretrain_lr, b.seed).as_dict()
+        clear_action_rows(model, self)
+        log(f"base warm start: loss {report['final_loss']:.4f}, 'where is' accuracy {report['accuracy']:.3f}")
+        return report

@@ -17,16 +17,18 @@ is exactly chance, `1 / grid**2`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lora_runtime.rl.models.vla import TinyVLA
+from lora_runtime.rl.models import TinyVLA
 from lora_runtime.rl.seeding import base_seeds
-from lora_runtime.rl.tasks.reach import ReachTask
+from lora_runtime.rl.supervised import fit
+
+ReachTask = Any  # `lora_runtime.rl.tasks.reach.ReachTask` (which imports this module)
 
 TOKEN_NOISE = 0.5
 WARMUP_STEPS = 50
@@ -83,33 +85,18 @@ def pretrain_base(
         The final loss and greedy accuracy on 512 fresh scenes.
     """
     gen = torch.Generator().manual_seed(base_seeds(seed)[1])
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / WARMUP_STEPS) * 0.5 * (1.0 + math.cos(math.pi * i / max(steps, 1)))
-    )
-    model.train()
-    loss_value = float("nan")
-    for step in range(steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         pixels, ids, answers = where_batch(task, batch_size, gen, TOKEN_NOISE)
         logits = model(pixels, ids)[:, -2:]  # [B, 2, V]: predictions of row and column words
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_value = loss.item()
-        if on_step is not None:
-            on_step(step + 1, loss_value)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answers.reshape(-1))
+
+    loss_value = fit(model, steps, lr, WARMUP_STEPS, loss_at, on_step)
     model.eval()
     with torch.no_grad():
         pixels, ids, answers = where_batch(task, 512, gen, 0.0)
         pred = model(pixels, ids)[:, -2:].argmax(dim=-1)  # [512, 2]
         accuracy = (pred == answers).all(dim=1).float().mean().item()
-    for p in params:
-        p.grad = None
     return PretrainReport(steps, loss_value, accuracy)
 
 

@@ -13,33 +13,42 @@ expert, for behaviour cloning).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from lora_runtime.rl.grpo import action_log_probs
-from lora_runtime.rl.tasks.episodic import (
-    HELD_OUT_SEED,
-    TRAIN_SEED_LIMIT,
-    EpisodicTask,
-    ObsBatch,
-    quiet,
-)
+from lora_runtime.rl.models import ModelInputs
+from lora_runtime.rl.policy import ActorPolicy, gumbel_sample
 
-EpisodeLogitsFn = Callable[[nn.Module, ObsBatch], torch.Tensor]  # -> [N, vocab] at the action position
+TRAIN_SEED_LIMIT = 2**30  # training and warm-start episodes use seeds below this ...
+HELD_OUT_SEED = 2**30  # ... evaluation uses HELD_OUT_SEED, HELD_OUT_SEED + 1, ...
 BASELINE_EPISODES = 32
+EpisodicTask = Any  # `lora_runtime.rl.tasks.episodic.EpisodicTask` (which imports this module)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silences stdout (minigrid prints "Sampling rejected: ..." while generating levels)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def action_positions(obs: ModelInputs) -> torch.Tensor:
+    """`[N, 1]`: each prompt's last token, where the step's one action token is read."""
+    return (obs.lengths - 1)[:, None]
 
 
 @dataclass
 class Episodes:
     """`E` finished episodes and their `S` recorded steps."""
 
-    obs: ObsBatch | None  # S observations (None when not recorded)
+    obs: ModelInputs | None  # S observations (None when not recorded)
     episode: torch.Tensor  # [S] long, the episode of each step
     actions: torch.Tensor  # [S] long, action index in [0, K)
     logp: torch.Tensor  # [S] log-prob of the action under the acting policy
@@ -69,33 +78,23 @@ class ModelPolicy:
     """The actor as a policy: one batched forward per environment step (call under no_grad).
 
     Args:
-        model: the actor.
-        logits_fn: `(model, ObsBatch) -> [N, vocab]` logits at the action position.
-        task: the task (action token ids).
-        temperature: softmax temperature over the action tokens.
+        policy: the actor's `ActorPolicy` (model, family, action ids, temperature).
         generator: CPU generator of the Gumbel noise (unused when greedy).
         greedy: take the most likely action instead of sampling.
-        device: where the model runs.
     """
 
     needs_obs = True
 
-    def __init__(self, model: nn.Module, logits_fn: EpisodeLogitsFn, task: EpisodicTask, temperature: float,
-                 generator: torch.Generator | None, greedy: bool, device: torch.device | str = "cpu") -> None:
-        self.model, self.logits_fn, self.temperature = model, logits_fn, temperature
-        self.generator, self.greedy, self.device = generator, greedy, device
-        self.action_ids = task.action_ids.to(device)
+    def __init__(self, policy: ActorPolicy, generator: torch.Generator | None, greedy: bool) -> None:
+        self.policy, self.generator, self.greedy = policy, generator, greedy
 
     def start(self, index: int, env: Any) -> None:
         """Called after each reset of environment `index`."""
 
-    def act(self, obs: ObsBatch | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = action_log_probs(self.logits_fn(self.model, obs.to(self.device)), self.action_ids, self.temperature).cpu()  # [n, K]
-        if self.greedy:
-            choice = logp.argmax(dim=-1)
-        else:
-            u = torch.rand(logp.shape, generator=self.generator).clamp_(1e-9, 1.0 - 1e-9)
-            choice = (logp - torch.log(-torch.log(u))).argmax(dim=-1)  # [n] Gumbel-max sample
+    def act(self, obs: ModelInputs | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.policy.action_ids.device
+        logp = self.policy(obs.to(device), action_positions(obs).to(device))[0][:, 0].cpu()  # [n, K]
+        choice = logp.argmax(dim=-1) if self.greedy else gumbel_sample(logp, self.generator)  # [a]
         return choice, logp.gather(-1, choice[:, None])[:, 0]
 
 
@@ -110,7 +109,7 @@ class UniformPolicy:
     def start(self, index: int, env: Any) -> None:
         """Nothing to set up."""
 
-    def act(self, obs: ObsBatch | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def act(self, obs: ModelInputs | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         choice = torch.randint(0, self.k, (len(active),), generator=self.generator)
         return choice, torch.full((len(active),), -float(np.log(self.k)))
 
@@ -127,7 +126,7 @@ class ExpertPolicy:
     def start(self, index: int, env: Any) -> None:
         self.experts[index] = self.adapter.expert(env)
 
-    def act(self, obs: ObsBatch | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def act(self, obs: ModelInputs | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.tensor([next(self.experts[i]) for i in active]), torch.zeros(len(active))
 
 
@@ -155,7 +154,7 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
     """
     start = time.perf_counter()
     width, env = task.num_envs, task.env
-    obs_parts: list[ObsBatch] = []
+    obs_parts: list[ModelInputs] = []
     ep_parts, act_parts, logp_parts = [], [], []
     returns = np.zeros(len(seeds))
     lengths = np.zeros(len(seeds), dtype=np.int64)
@@ -193,7 +192,7 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
             active = [i for i in active if not ended[i]]
     empty = torch.zeros(0, dtype=torch.long)
     return Episodes(
-        obs=ObsBatch.cat(obs_parts) if record else None,
+        obs=ModelInputs.cat(obs_parts) if record else None,
         episode=torch.cat(ep_parts) if record else empty,
         actions=torch.cat(act_parts) if record else empty,
         logp=torch.cat(logp_parts) if record else torch.zeros(0),
@@ -208,3 +207,4 @@ def random_baseline(task: EpisodicTask, episodes: int = BASELINE_EPISODES) -> di
     """Success rate and mean return of the uniformly random policy on the first held-out seeds."""
     policy = UniformPolicy(task.num_actions_per_step, torch.Generator().manual_seed(0))
     return run_episodes(task, held_out_seeds(episodes), policy, record=False).stats()
+

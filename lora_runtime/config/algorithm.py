@@ -1,0 +1,50 @@
+"""The `algorithm` section: the RL algorithm's hyper-parameters, picked by `name`.
+
+- `name: grpo` (the default): `group_size` rollouts of each of `batch_size` seeds,
+  advantages relative to the group, a clipped-ratio surrogate and a KL penalty to the base
+  policy (Shao et al. 2024, arXiv:2402.03300).
+
+The optimizer (AdamW) and its schedule belong to the algorithm's section: they are what a
+second algorithm may want to set differently.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, StrictInt
+
+from lora_runtime.config.base import Strict
+
+
+class OptimSection(Strict):
+    """Keys every algorithm shares: optimizer, schedule, clipping, epochs, sampling."""
+
+    lr: float = Field(3e-3, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    update_epochs: StrictInt = Field(1, ge=1)
+    minibatches: StrictInt = Field(1, ge=1)  # optimizer steps per epoch, PPO-style
+    temperature: float = Field(1.0, gt=0.0)  # sampling temperature of the rollouts
+    clip_eps: float = Field(0.2, gt=0.0)
+    kl_coef: float = Field(0.0, ge=0.0)  # KL to the base policy (0: no reference pass)
+
+
+class GRPOConfig(OptimSection):
+    """`name: grpo`: `group_size` rollouts per seed, advantages relative to the group."""
+
+    name: Literal["grpo"] = "grpo"
+    batch_size: StrictInt = Field(16, ge=1)  # seeds (prompts, scenes) per step, over all ranks
+    group_size: StrictInt = Field(8, ge=2)
+
+
+def _default_name(value: Any) -> Any:
+    if isinstance(value, dict) and "name" not in value:
+        return {"name": "grpo", **value}
+    return value
+
+
+AlgorithmConfig = Annotated[GRPOConfig, BeforeValidator(_default_name)]
+ALGORITHMS: dict[str, type[OptimSection]] = {"grpo": GRPOConfig}

@@ -1,0 +1,129 @@
+"""The `task` section: one shape per `task.kind`, each kind's own keys only.
+
+Each task kind has a section class (a `TaskSection` whose `kind` is a `Literal`); the run
+file's `task` mapping is validated against the class its `kind` names. The built-in kinds are
+registered here; a task plug-in registers its own with `register_task_section` (the RL
+floor's `lora_runtime.rl.tasks.register_task` does it for you). No torch here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
+
+from lora_runtime.config.base import ConfigError, Strict
+
+DEFAULT_KIND = "reach"
+
+
+class TaskSection(Strict):
+    """The keys every task section has. Subclasses add their own and fix `kind`.
+
+    `RL_ONLY` names the keys the built-in base's warm start does not depend on: the rest
+    of the section is hashed into the cached base's folder name.
+    """
+
+    kind: str
+    RL_ONLY: ClassVar[tuple[str, ...]] = ()
+
+    def base_recipe(self) -> dict[str, Any]:
+        """The keys the built-in base (warm start) depends on."""
+        return self.model_dump(exclude=set(self.RL_ONLY))
+
+
+class ReachSection(TaskSection):
+    """`kind: reach`: the synthetic one-step reach task (`lora_runtime.rl.tasks.reach`).
+
+    A `grid x grid` scene holds `num_objects` objects of different colours (out of
+    `num_colors`); the instruction names one colour; the action tokens (row, column) must
+    point at its cell. Reward 1 on the cell, else 0; chance is `1 / grid**2`.
+    """
+
+    kind: Literal["reach"] = "reach"
+    grid: StrictInt = Field(4, ge=2, le=16)
+    num_objects: StrictInt = Field(3, ge=1)
+    num_colors: StrictInt = Field(4, ge=1, le=8)
+    noise: float = Field(0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _objects_fit(self) -> ReachSection:
+        if self.num_objects > self.num_colors:
+            raise ValueError(
+                f"num_objects={self.num_objects} > num_colors={self.num_colors}: every object needs its own colour"
+            )
+        if self.num_objects > self.grid * self.grid:
+            raise ValueError(f"num_objects={self.num_objects} does not fit a {self.grid}x{self.grid} grid")
+        return self
+
+
+class EpisodicSection(TaskSection):
+    """The keys of the multi-step (gymnasium) tasks: environments stepped together, the
+    warm start's expert episodes, the held-out evaluation."""
+
+    num_envs: StrictInt = Field(16, ge=1, le=1024)
+    max_episode_steps: StrictInt | None = Field(None, ge=1)
+    bc_episodes: StrictInt = Field(400, ge=1)
+    eval_episodes: StrictInt = Field(200, ge=1)
+    prev_action: StrictBool = False  # the prompt ends with the previous action's token
+    RL_ONLY: ClassVar[tuple[str, ...]] = ("num_envs", "eval_episodes")
+
+
+class BabyAISection(EpisodicSection):
+    """`kind: babyai`: the BabyAI / MiniGrid level `env_id` (`lora_runtime.rl.tasks.babyai`)."""
+
+    kind: Literal["babyai"] = "babyai"
+    env_id: str = "BabyAI-GoToObj-v0"
+
+
+class GymSection(EpisodicSection):
+    """`kind: gym`: your own gymnasium environment from `entry` ("package.module:function"
+    returning `(env, adapter)`, see `lora_runtime.rl.tasks.gym`)."""
+
+    kind: Literal["gym"] = "gym"
+    entry: str
+
+    @field_validator("entry")
+    @classmethod
+    def _entry_form(cls, entry: str) -> str:
+        if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", entry) is None:
+            raise ValueError("expected 'package.module:function', e.g. 'my_envs.cartpole:make_env'")
+        return entry
+
+
+_SECTIONS: dict[str, type[TaskSection]] = {}
+
+
+def register_task_section(section: type[TaskSection]) -> None:
+    """Makes `task.kind: <kind>` validate against `section` (its `kind` field's default).
+
+    Raises:
+        ValueError: the class has no default `kind`, or another class has that kind.
+    """
+    kind = section.model_fields["kind"].default
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{section.__name__}: give its kind field a Literal type and a default, e.g. kind: Literal['x'] = 'x'")
+    if _SECTIONS.get(kind, section) is not section:
+        raise ValueError(f"task kind {kind!r} is already registered by {_SECTIONS[kind].__name__}")
+    _SECTIONS[kind] = section
+
+
+def task_kinds() -> list[str]:
+    """The registered task kinds, sorted."""
+    return sorted(_SECTIONS)
+
+
+def section_class(kind: Any) -> type[TaskSection]:
+    """The section class of `kind`.
+
+    Raises:
+        ConfigError: an unknown kind (the message lists the registered ones).
+    """
+    if not isinstance(kind, str) or kind not in _SECTIONS:
+        raise ConfigError(f"task.kind: got {kind!r}: unknown task kind (allowed: {', '.join(task_kinds())})")
+    return _SECTIONS[kind]
+
+
+for _builtin in (ReachSection, BabyAISection, GymSection):
+    register_task_section(_builtin)

@@ -1,0 +1,113 @@
+"""The one RL step for every task and algorithm: rollout -> advantages -> update epochs.
+
+`rl_step` asks the algorithm's learner (`rl.learners`) to collect an `Experience` from the
+task under `no_grad`, turns it into the rows to train on (`Batch`: advantages, value
+targets), and runs `update`: `update_epochs` epochs, each taking one optimizer step per
+minibatch (`algorithm.minibatches`; 1: one step over all rows in order; more: a fresh random
+split each epoch from the run's generator, as in PPO's minibatch SGD, Schulman et al. 2017,
+arXiv:1707.06347, Algorithm 1), each computed in chunks of at most `CHUNK` rows whose
+gradients add up. With `algorithm.kl_coef > 0` the loss adds the exact KL over the action
+tokens to the reference policy (`rl.reference`), computed once per step.
+
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from lora_runtime.config import AlgorithmConfig, RunConfig
+from lora_runtime.rl.learners import Batch, GRPOLearner
+from lora_runtime.rl.policy import ActorPolicy
+from lora_runtime.rl.reference import Reference
+
+__all__ = ["CHUNK", "lr_at", "minibatch_indices", "rl_step", "update"]
+
+CHUNK = 512  # rows per forward/backward pass
+
+
+def minibatch_indices(total: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The rows `0..total-1` split into `minibatches` near-equal index sets `[n_i]`.
+
+    One minibatch is every row in order (no random draw). More are a fresh permutation from
+    `generator` (so a run stays reproducible and resumes exactly), cut into
+    `min(minibatches, total)` parts.
+    """
+    if minibatches == 1:
+        return [torch.arange(total)]
+    return list(torch.randperm(total, generator=generator).tensor_split(min(minibatches, total)))
+
+
+def reference_dists(policy: ActorPolicy, b: Batch, reference: Reference) -> torch.Tensor:
+    """`[n, A, K]` the reference policy's log-probabilities on every row of `b` (no grad)."""
+    ref_policy = ActorPolicy(None, policy.family, policy.action_ids, policy.temperature)
+
+    def dist(m: nn.Module, part: torch.Tensor) -> torch.Tensor:  # [n, A, K]
+        ref_policy.model = m
+        return ref_policy(b.inputs.select(part), b.positions[part])[0]
+
+    return torch.cat([reference.apply(lambda m, p=p: dist(m, p)) for p in torch.arange(len(b)).split(CHUNK)])
+
+
+def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner, b: Batch,
+           ref: torch.Tensor | None, optimizer: torch.optim.Optimizer, algo: AlgorithmConfig,
+           generator: torch.Generator) -> dict[str, float]:
+    """`algo.update_epochs` epochs of the learner's loss on `b` (with the KL to `ref`, the
+    reference's `[n, A, K]` log-probabilities, when given); returns the last epoch's means."""
+    total = len(b)
+    chunk = min(CHUNK, total)
+    sums = dict.fromkeys(learner.stat_keys, 0.0)
+    grad_norm = torch.zeros(())
+    for _ in range(algo.update_epochs if total else 0):
+        sums = dict.fromkeys(learner.stat_keys, 0.0)  # the metrics are the last epoch's means over all rows
+        for batch in minibatch_indices(total, algo.minibatches, generator):  # one optimizer step each
+            optimizer.zero_grad(set_to_none=True)
+            for part in batch.split(chunk):  # [n] row indices; gradients add up over the parts
+                dist, values = policy(b.inputs.select(part), b.positions[part])  # [n, A, K], [n] or None
+                loss, stats = learner.loss(dist, values, b, part, None if ref is None else ref[part])
+                (loss * (len(part) / len(batch))).backward()
+                entropy = -(dist.detach().exp() * dist.detach()).sum(-1).mean()
+                for key, value in (("loss", loss.item()), ("entropy", entropy.item()), *stats.items()):
+                    sums[key] += value * len(part) / total
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
+            optimizer.step()
+    return {**sums, "grad_norm": grad_norm.item(), "trained_rows": total}
+
+
+def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner, task, reference: Reference,
+            optimizer: torch.optim.Optimizer, run_cfg: RunConfig, generator: torch.Generator,
+            device: torch.device) -> dict[str, float]:
+    """One step: rollouts through `policy`, then `update`; returns the step's metrics.
+
+    Args:
+        model: the trained module (its trainable parameters are clipped and stepped).
+        policy: the actor (or its compiled wrapper) as a policy.
+        learner: `learners.learner_for(run_cfg.algorithm)`.
+    """
+    algo = run_cfg.algorithm
+    start = time.perf_counter()
+    model.eval()
+    exp = learner.collect(task, policy, generator)
+    train_start = time.perf_counter()
+    b = learner.batch(exp, device)
+    ref = reference_dists(policy, b, reference) if algo.kl_coef > 0 and len(b) else None  # in eval mode, once
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = update(policy, params, learner, b, ref, optimizer, algo, generator)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    return {**exp.stats, **stats, "train_s": now - train_start, "step_time_s": now - start,
+            "samples_per_s": exp.samples / (now - start)}
+
+
+def lr_at(algo: AlgorithmConfig, steps: int, i: int) -> float:
+    """Learning rate of this run's step `i` (0-based) of `steps`: constant, or cosine from `lr`
+    down to `lr * min_lr_ratio` (a resumed run starts its own schedule)."""
+    if algo.lr_schedule == "constant" or steps == 1:
+        return algo.lr
+    progress = i / (steps - 1)
+    return algo.lr * (algo.min_lr_ratio + (1.0 - algo.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -1,0 +1,63 @@
+"""The actor as a policy over action tokens: log-probabilities at the action positions.
+
+Every task keeps its actions as the last `K` ids of the actor's vocabulary (as OpenVLA
+does); the policy is the softmax over those `K` logits only, at a temperature.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_runtime.rl.models import ModelFamily, ModelInputs
+
+
+def action_log_probs(logits: torch.Tensor, action_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities over the action tokens only (the policy never emits other tokens).
+
+    Args:
+        logits: `[..., vocab]`.
+        action_ids: `[K]` vocabulary ids of the action tokens.
+        temperature: softmax temperature.
+
+    Returns:
+        `[..., K]` float32 log-probabilities.
+    """
+    return torch.log_softmax(logits.index_select(-1, action_ids).float() / temperature, dim=-1)
+
+
+def _at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`x [N, T, C]` at `positions [N, A]` -> `[N, A, C]`."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def action_dist(model: nn.Module, family: ModelFamily, inputs: ModelInputs, positions: torch.Tensor,
+                action_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`[N, A, K]` log-probabilities over the action tokens at `positions` `[N, A]` of each prompt."""
+    logits = family.logits(model, inputs).index_select(-1, action_ids)  # [N, T, K]
+    return torch.log_softmax(_at(logits, positions).float() / temperature, dim=-1)
+
+
+class ActorPolicy:
+    """`policy(inputs, positions) -> (dist [N, A, K], None)` for rollouts and updates (the
+    second place is for an algorithm's values).
+
+    Args:
+        model: the actor (or its compiled / distributed wrapper: the one to call).
+        family: its model family.
+        action_ids: `[K]` on the model's device.
+        temperature: softmax temperature.
+    """
+
+    def __init__(self, model: nn.Module, family: ModelFamily, action_ids: torch.Tensor, temperature: float) -> None:
+        self.model, self.family, self.action_ids, self.temperature = model, family, action_ids, temperature
+
+    def __call__(self, inputs: ModelInputs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return action_dist(self.model, self.family, inputs, positions, self.action_ids, self.temperature), None
+
+
+def gumbel_sample(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`[...]` indices drawn from `logp` `[..., K]` with Gumbel noise from a CPU `generator`
+    (the same draws on any device, so a run's sampling state saves and restores exactly)."""
+    u = torch.rand(logp.shape, generator=generator).clamp_(1e-9, 1.0 - 1e-9).to(logp.device)
+    return (logp - torch.log(-torch.log(u))).argmax(dim=-1)
