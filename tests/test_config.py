@@ -125,7 +125,11 @@ def test_the_task_section_dumps_its_own_keys_and_defaults_to_reach(tmp_path):
 def test_the_algorithm_section_by_name(tmp_path):
     cfg = load_config(write(tmp_path, BASE + "algorithm:\n  lr: 0.01\n"))
     assert cfg.algorithm.name == "grpo" and cfg.algorithm.lr == 0.01 and cfg.algorithm.group_size == 8
-    with pytest.raises(ConfigError, match=r"algorithm.name: got 'dqn'"):
+    ppo = load_config(write(tmp_path, BASE + "algorithm:\n  name: ppo\n  gamma: 0.9\n"))
+    assert ppo.algorithm.name == "ppo" and ppo.algorithm.gamma == 0.9 and ppo.algorithm.update_epochs == 4
+    with pytest.raises(ConfigError, match=r"algorithm.group_size: unknown key for algorithm.name 'ppo'"):
+        load_config(write(tmp_path, BASE + "algorithm:\n  name: ppo\n  group_size: 4\n"))
+    with pytest.raises(ConfigError, match=r"algorithm.name: got 'dqn': unknown algorithm \(allowed: grpo, ppo\)"):
         load_config(write(tmp_path, BASE + "algorithm:\n  name: dqn\n"))
     with pytest.raises(ConfigError, match=r"runner.stepz: unknown key \(allowed: .*\); did you mean 'steps'"):
         load_config(write(tmp_path, BASE + "runner:\n  stepz: 2\n"))

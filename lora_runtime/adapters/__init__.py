@@ -13,6 +13,7 @@ from lora_runtime.adapters.inject import apply_lora, remove_lora
 from lora_runtime.adapters.layer import LoRALinear
 from lora_runtime.adapters.merge import MergeStats, merge_lora, merged, merged_weight
 from lora_runtime.adapters.peft_format import AdapterFiles, read_adapter, read_adapter_config
+from lora_runtime.adapters.saved_modules import PEFT_PREFIX, mark_modules_to_save, modules_to_save
 from lora_runtime.adapters.targets import (
     DEFAULT_TARGETS,
     find_targets,
@@ -29,6 +30,7 @@ from lora_runtime.errors import AdapterError, MergeError
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "PEFT_PREFIX",
     "AdapterError",
     "AdapterFiles",
     "LoRALinear",
@@ -44,10 +46,12 @@ __all__ = [
     "iter_lora_layers",
     "iter_merged_weights",
     "load_adapter",
+    "mark_modules_to_save",
     "mark_only_lora_trainable",
     "merge_lora",
     "merged",
     "merged_weight",
+    "modules_to_save",
     "read_adapter",
     "read_adapter_config",
     "remove_lora",

@@ -25,6 +25,11 @@ from lora_runtime.adapters.peft_format import (
     adapter_config_dict,
     read_adapter,
 )
+from lora_runtime.adapters.saved_modules import (
+    check_saved_modules,
+    load_saved_modules,
+    saved_module_tensors,
+)
 from lora_runtime.adapters.targets import find_targets, iter_lora_layers
 from lora_runtime.adapters.weight_sync import adapter_state_dict
 
@@ -49,7 +54,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     """
     directory = os.path.abspath(os.fspath(directory))
     config = adapter_config_dict(model)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu").contiguous()
+               for k, v in {**adapter_state_dict(model), **saved_module_tensors(model)}.items()}
     if not _dist.is_main_process():  # rank 0 alone writes; the others wait for it
         _dist.barrier()
         return
@@ -111,7 +117,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike | AdapterFiles) 
 def _load_checked(model: nn.Module, adapter: AdapterFiles) -> None:
     cfg, layers = adapter.config, adapter.layers
     weights_path = os.path.join(adapter.directory, ADAPTER_WEIGHTS_NAME)
-    problems = _check_weights(weights_path, layers, model, cfg["r"])
+    problems = _check_weights(weights_path, layers, model, cfg["r"]) + check_saved_modules(model, adapter.modules)
     alpha, rslora = float(cfg.get("lora_alpha", cfg["r"])), bool(cfg.get("use_rslora", False))
     for name, layer in iter_lora_layers(model):
         if (layer.lora_alpha, layer.use_rslora) != (alpha, rslora) and name in layers:
@@ -128,6 +134,7 @@ def _load_checked(model: nn.Module, adapter: AdapterFiles) -> None:
     for name, layer in iter_lora_layers(model):  # each rank keeps its slice of a shard
         _dist.copy_full_(layer.lora_A.weight, layers[name]["lora_A"])
         _dist.copy_full_(layer.lora_B.weight, layers[name]["lora_B"])
+    load_saved_modules(model, adapter.modules)
 
 
 def apply_and_load_adapter(

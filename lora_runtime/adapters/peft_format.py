@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lora_runtime._fs import read_json_object
+from lora_runtime.adapters.saved_modules import PEFT_PREFIX, modules_to_save
 from lora_runtime.adapters.targets import inside_any, iter_lora_layers, matches_target, unwrap_model
 from lora_runtime.errors import AdapterError
 
@@ -35,7 +37,6 @@ __all__ = [
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 # `<prefix?><path>.lora_A[.<adapter name>].weight`; PEFT drops the name "default" on save.
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
@@ -97,7 +98,7 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
         "init_lora_weights": "gaussian" if first.init == "gaussian" else True,
         "fan_in_fan_out": False,
         "inference_mode": True,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save(inner)) or None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "use_dora": False,
@@ -114,6 +115,7 @@ class AdapterFiles:
     directory: str
     config: dict[str, Any]
     layers: dict[str, dict[str, torch.Tensor]]  # {path: {"lora_A": [r, in], "lora_B": [out, r]}}
+    modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save: {path: state}
 
 
 def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
@@ -124,7 +126,13 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
     """
     directory = os.fspath(directory)
     config = read_adapter_config(directory)
-    return AdapterFiles(directory, config, read_adapter_weights(directory))
+    saved = config.get("modules_to_save") or ()
+    layers, modules = read_adapter_weights(directory, saved)
+    missing = [m for m in saved if m not in modules]
+    if missing:
+        raise AdapterError(f"{os.path.join(directory, ADAPTER_WEIGHTS_NAME)}: adapter_config.json lists "
+                           f"modules_to_save={missing!r} but the file holds no weights for them")
+    return AdapterFiles(directory, config, layers, modules)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -165,7 +173,10 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     for key, ok in (("fan_in_fan_out", False), ("use_dora", False)):
         if cfg.get(key, ok) not in (ok, None):
             problems.append(f"{key}={cfg.get(key)!r} (not supported; must be {ok})")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+    saved = cfg.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        problems.append(f"modules_to_save={saved!r} (a list of module paths or null is required)")
+    for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
         if cfg.get(key):
             problems.append(f"{key}={cfg.get(key)!r} (not supported; must be empty)")
     if cfg.get("bias", "none") != "none":
@@ -175,12 +186,16 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def read_adapter_weights(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """`{module path: {"lora_A": tensor, "lora_B": tensor}}` from the safetensors file.
+def read_adapter_weights(
+    directory: str | os.PathLike, modules_to_save: Sequence[str] = ()
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """`({module path: {"lora_A": tensor, "lora_B": tensor}}, {saved module path: state})`
+    from the safetensors file; the second holds the whole modules named in the config's
+    `modules_to_save` (PEFT keeps them as `base_model.model.<path>.<param>`).
 
     Raises:
-        AdapterError: a missing, unreadable or truncated file, or keys that are not LoRA
-            A/B weights (the message names the file and the keys).
+        AdapterError: a missing, unreadable or truncated file, or keys that are neither
+            LoRA A/B weights nor a saved module's (the message names the file and the keys).
     """
     directory = os.fspath(directory)
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
@@ -191,8 +206,13 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, dict[str, to
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from None
     layers: dict[str, dict[str, torch.Tensor]] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for key, tensor in raw.items():
+        owner = next((m for m in modules_to_save if key.startswith(f"{PEFT_PREFIX}{m}.")), None)
+        if owner is not None:
+            modules.setdefault(owner, {})[key.removeprefix(f"{PEFT_PREFIX}{owner}.")] = tensor
+            continue
         m = _KEY.match(key)
         if m is None:
             bad.append(key)
@@ -203,4 +223,4 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, dict[str, to
             f"{path}: unexpected keys (only '<path>.lora_A.weight' / '<path>.lora_B.weight' "
             f"are supported): {bad[:8]}" + (f" ... ({len(bad)} in all)" if len(bad) > 8 else "")
         )
-    return layers
+    return layers, modules

@@ -10,7 +10,7 @@ anything.
 """
 
 from lora_runtime.config.actor import ActorConfig, ActorModelConfig, BuiltinActorConfig, Mode
-from lora_runtime.config.algorithm import AlgorithmConfig, GRPOConfig
+from lora_runtime.config.algorithm import AlgorithmConfig, GRPOConfig, PPOConfig
 from lora_runtime.config.base import ConfigError
 from lora_runtime.config.loading import RunConfig, load_config, set_dotted, validate_config
 from lora_runtime.config.runner import RunnerConfig
@@ -35,7 +35,7 @@ __all__ = [
     "GRPOConfig",
     "GymSection",
     "Mode",
-   
+    "PPOConfig",
     "ReachSection",
     "RunConfig",
     "RunnerConfig",

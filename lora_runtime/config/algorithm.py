@@ -3,6 +3,9 @@
 - `name: grpo` (the default): `group_size` rollouts of each of `batch_size` seeds,
   advantages relative to the group, a clipped-ratio surrogate and a KL penalty to the base
   policy (Shao et al. 2024, arXiv:2402.03300).
+- `name: ppo`: `rollout_steps` steps of every environment, a value head on the actor's last
+  hidden state, GAE(lambda), clipped policy and value losses, an entropy bonus (Schulman et
+  al. 2017, arXiv:1707.06347); multi-step tasks only.
 
 The optimizer (AdamW) and its schedule belong to the algorithm's section: they are what a
 second algorithm may want to set differently.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, StrictInt
+from pydantic import BeforeValidator, Field, StrictBool, StrictInt
 
 from lora_runtime.config.base import Strict
 
@@ -40,11 +43,26 @@ class GRPOConfig(OptimSection):
     group_size: StrictInt = Field(8, ge=2)
 
 
+class PPOConfig(OptimSection):
+    """`name: ppo`: fixed-length rollouts of every environment and a learned value."""
+
+    name: Literal["ppo"] = "ppo"
+    rollout_steps: StrictInt = Field(32, ge=1)  # steps of each environment per iteration
+    gamma: float = Field(0.99, ge=0.0, le=1.0)
+    gae_lambda: float = Field(0.95, ge=0.0, le=1.0)
+    vf_coef: float = Field(0.5, ge=0.0)
+    value_clip_eps: float | None = Field(0.2, gt=0.0)  # null: unclipped value loss
+    ent_coef: float = Field(0.01, ge=0.0)
+    normalize_advantages: StrictBool = True
+    update_epochs: StrictInt = Field(4, ge=1)
+    minibatches: StrictInt = Field(4, ge=1)
+
+
 def _default_name(value: Any) -> Any:
     if isinstance(value, dict) and "name" not in value:
         return {"name": "grpo", **value}
     return value
 
 
-AlgorithmConfig = Annotated[GRPOConfig, BeforeValidator(_default_name)]
-ALGORITHMS: dict[str, type[OptimSection]] = {"grpo": GRPOConfig}
+AlgorithmConfig = Annotated[GRPOConfig | PPOConfig, Field(discriminator="name"), BeforeValidator(_default_name)]
+ALGORITHMS: dict[str, type[OptimSection]] = {"grpo": GRPOConfig, "ppo": PPOConfig}

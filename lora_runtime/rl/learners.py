@@ -9,6 +9,9 @@ what each minimises. The math itself is in `rl.algorithms` (pure functions of te
   al. 2025, arXiv:2503.14476) -- in a single process. Under torchrun every row is kept (a flat
   group adds nothing to the policy gradient), so that every rank takes the same forward and
   backward passes and DDP / FSDP2's collectives line up.
+- `PPOLearner`: `rollout_steps` steps of every environment with a value head
+  (`task.collect_steps`), GAE(lambda) advantages normalised over the rollout, the clipped
+  policy and value losses and an entropy bonus (`algorithms.ppo`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from lora_runtime.config import AlgorithmConfig, GRPOConfig
+from lora_runtime.config import AlgorithmConfig, GRPOConfig, PPOConfig
 from lora_runtime.parallel import get_world_size, share_size
 from lora_runtime.rl.algorithms import group_advantages, grpo_loss, kl_divergence
+from lora_runtime.rl.algorithms.ppo import gae, normalize, ppo_loss
 from lora_runtime.rl.models import ModelInputs
 from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.tasks import Experience, Task
@@ -34,6 +39,8 @@ class Batch:
     actions: torch.Tensor  # [n, A]
     old_logp: torch.Tensor  # [n, A]
     advantages: torch.Tensor  # [n]
+    old_values: torch.Tensor | None = None  # [n] (PPO)
+    returns: torch.Tensor | None = None  # [n] value targets (PPO)
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -48,6 +55,8 @@ def _rows(exp: Experience, index: torch.Tensor, advantages: torch.Tensor, device
 class GRPOLearner:
     """Group-relative advantages over seed-grouped rollouts; no value head."""
 
+    uses_value_head = False
+    fixed_total = False  # the rows to train on vary from step to step
     stat_keys = ("loss", "pg_loss", "kl", "clip_frac", "entropy")
 
     def __init__(self, algo: GRPOConfig) -> None:
@@ -72,11 +81,55 @@ class GRPOLearner:
         return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef)
 
 
+class PPOLearner:
+    """GAE over fixed-length rollouts; a value head trained with the policy."""
+
+    uses_value_head = True
+    fixed_total = True  # rollout_steps x num_envs rows every step
+    stat_keys = ("loss", "pg_loss", "value_loss", "kl", "clip_frac", "entropy")
+
+    def __init__(self, algo: PPOConfig) -> None:
+        self.algo = algo
+
+    def collect(self, task: Task, policy: ActorPolicy, generator: torch.Generator) -> Experience:
+        return task.collect_steps(policy, self.algo.rollout_steps, generator)
+
+    def batch(self, exp: Experience, device: torch.device) -> Batch:
+        a = self.algo
+        adv, returns = gae(exp.rewards, exp.values, exp.next_values, exp.terminated, exp.ended, a.gamma, a.gae_lambda)
+        adv, returns = adv.reshape(-1), returns.reshape(-1)  # [T * M] t-major, as the rows
+        b = _rows(exp, torch.arange(len(adv)), normalize(adv) if a.normalize_advantages else adv, device)
+        b.old_values, b.returns = exp.values.reshape(-1).to(device), returns.to(device)
+        return b
+
+    def loss(self, dist: torch.Tensor, values: torch.Tensor | None, b: Batch, part: torch.Tensor,
+             ref: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of rows `part` from their `[n, A, K]` log-probabilities and `[n]` values."""
+        a = self.algo
+        logp = dist.gather(-1, b.actions[part][..., None])[..., 0].sum(-1)  # [n] (one action token per step)
+        kl = _kl(dist, ref)
+        entropy = -(dist.exp() * dist).sum(-1).sum(-1)  # [n]
+        loss, stats = ppo_loss(logp, b.old_logp[part].sum(-1), b.advantages[part], values, b.old_values[part],
+                               b.returns[part], entropy, a.clip_eps, a.value_clip_eps, a.vf_coef, a.ent_coef)
+        kl_mean = kl.mean()
+        return loss + a.kl_coef * kl_mean, {**stats, "kl": kl_mean.item()}
+
+
 def _kl(dist: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
     """`[n, A]` KL to the reference, or a zero when the step has no reference (`kl_coef: 0`)."""
     return torch.zeros((), device=dist.device) if ref is None else kl_divergence(dist, ref)
 
 
-def learner_for(algo: AlgorithmConfig) -> GRPOLearner:
+def learner_for(algo: AlgorithmConfig) -> GRPOLearner | PPOLearner:
     """The learner of `algorithm.name`."""
-    return {"grpo": GRPOLearner}[algo.name](algo)
+    return {"grpo": GRPOLearner, "ppo": PPOLearner}[algo.name](algo)
+
+
+def make_value_head(hidden: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> nn.Linear:
+    """`Linear(hidden, 1)` with a small init (std 0.01 weights, zero bias, as CleanRL's
+    critic output layer), drawn from `generator`."""
+    head = nn.Linear(hidden, 1, dtype=dtype, device=device)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+        head.bias.zero_()
+    return head

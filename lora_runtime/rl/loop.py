@@ -9,6 +9,10 @@ arXiv:1707.06347, Algorithm 1), each computed in chunks of at most `CHUNK` rows 
 gradients add up. With `algorithm.kl_coef > 0` the loss adds the exact KL over the action
 tokens to the reference policy (`rl.reference`), computed once per step.
 
+Fixed shapes (`fixed_rows`, set when the actor is compiled): every chunk's forward runs on
+the same number of rows (`CHUNK`, or PPO's minibatch size, whose rollouts always have
+`rollout_steps x num_envs` rows), a short one padded with copies of its first row whose
+outputs are dropped before the loss, so the compiled model is traced once.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from torch import nn
 
 from lora_runtime.config import AlgorithmConfig, RunConfig
-from lora_runtime.rl.learners import Batch, GRPOLearner
+from lora_runtime.rl.learners import Batch, GRPOLearner, PPOLearner
 from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.reference import Reference
 
@@ -41,6 +45,11 @@ def minibatch_indices(total: int, minibatches: int, generator: torch.Generator) 
     return list(torch.randperm(total, generator=generator).tensor_split(min(minibatches, total)))
 
 
+def _padded(part: torch.Tensor, size: int) -> torch.Tensor:
+    """`part` `[n]` followed by copies of its first row up to `size` rows."""
+    return torch.cat([part, part[:1].expand(size - len(part))]) if len(part) < size else part
+
+
 def reference_dists(policy: ActorPolicy, b: Batch, reference: Reference) -> torch.Tensor:
     """`[n, A, K]` the reference policy's log-probabilities on every row of `b` (no grad)."""
     ref_policy = ActorPolicy(None, policy.family, policy.action_ids, policy.temperature)
@@ -52,13 +61,18 @@ def reference_dists(policy: ActorPolicy, b: Batch, reference: Reference) -> torc
     return torch.cat([reference.apply(lambda m, p=p: dist(m, p)) for p in torch.arange(len(b)).split(CHUNK)])
 
 
-def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner, b: Batch,
+def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner | PPOLearner, b: Batch,
            ref: torch.Tensor | None, optimizer: torch.optim.Optimizer, algo: AlgorithmConfig,
-           generator: torch.Generator) -> dict[str, float]:
+           generator: torch.Generator, fixed_rows: bool = False) -> dict[str, float]:
     """`algo.update_epochs` epochs of the learner's loss on `b` (with the KL to `ref`, the
     reference's `[n, A, K]` log-probabilities, when given); returns the last epoch's means."""
     total = len(b)
-    chunk = min(CHUNK, total)
+    if not fixed_rows:
+        chunk = min(CHUNK, total)
+    elif learner.fixed_total:  # PPO: every minibatch has (about) the same rows every step
+        chunk = min(CHUNK, -(-total // min(algo.minibatches, max(total, 1))))
+    else:
+        chunk = CHUNK
     sums = dict.fromkeys(learner.stat_keys, 0.0)
     grad_norm = torch.zeros(())
     for _ in range(algo.update_epochs if total else 0):
@@ -66,7 +80,9 @@ def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner
         for batch in minibatch_indices(total, algo.minibatches, generator):  # one optimizer step each
             optimizer.zero_grad(set_to_none=True)
             for part in batch.split(chunk):  # [n] row indices; gradients add up over the parts
-                dist, values = policy(b.inputs.select(part), b.positions[part])  # [n, A, K], [n] or None
+                rows = _padded(part, chunk) if fixed_rows else part
+                dist, values = policy(b.inputs.select(rows), b.positions[rows])  # [n', A, K], [n'] or None
+                dist, values = dist[: len(part)], None if values is None else values[: len(part)]
                 loss, stats = learner.loss(dist, values, b, part, None if ref is None else ref[part])
                 (loss * (len(part) / len(batch))).backward()
                 entropy = -(dist.detach().exp() * dist.detach()).sum(-1).mean()
@@ -77,14 +93,14 @@ def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner
     return {**sums, "grad_norm": grad_norm.item(), "trained_rows": total}
 
 
-def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner, task, reference: Reference,
+def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner | PPOLearner, task, reference: Reference,
             optimizer: torch.optim.Optimizer, run_cfg: RunConfig, generator: torch.Generator,
-            device: torch.device) -> dict[str, float]:
+            device: torch.device, fixed_rows: bool = False) -> dict[str, float]:
     """One step: rollouts through `policy`, then `update`; returns the step's metrics.
 
     Args:
         model: the trained module (its trainable parameters are clipped and stepped).
-        policy: the actor (or its compiled wrapper) as a policy.
+        policy: the actor (or its compiled wrapper) as a policy, with the value head for PPO.
         learner: `learners.learner_for(run_cfg.algorithm)`.
     """
     algo = run_cfg.algorithm
@@ -96,7 +112,7 @@ def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner, task, r
     ref = reference_dists(policy, b, reference) if algo.kl_coef > 0 and len(b) else None  # in eval mode, once
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    stats = update(policy, params, learner, b, ref, optimizer, algo, generator)
+    stats = update(policy, params, learner, b, ref, optimizer, algo, generator, fixed_rows)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     now = time.perf_counter()

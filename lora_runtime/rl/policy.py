@@ -1,7 +1,9 @@
 """The actor as a policy over action tokens: log-probabilities at the action positions.
 
 Every task keeps its actions as the last `K` ids of the actor's vocabulary (as OpenVLA
-does); the policy is the softmax over those `K` logits only, at a temperature.
+does); the policy is the softmax over those `K` logits only, at a temperature. With a
+value head (PPO), the same forward also gives the value of each row's state, read from the
+last hidden state at the row's first action position.
 """
 
 from __future__ import annotations
@@ -39,21 +41,28 @@ def action_dist(model: nn.Module, family: ModelFamily, inputs: ModelInputs, posi
 
 
 class ActorPolicy:
-    """`policy(inputs, positions) -> (dist [N, A, K], None)` for rollouts and updates (the
-    second place is for an algorithm's values).
+    """`policy(inputs, positions) -> (dist [N, A, K], values [N] or None)` for rollouts and updates.
 
     Args:
         model: the actor (or its compiled / distributed wrapper: the one to call).
         family: its model family.
         action_ids: `[K]` on the model's device.
         temperature: softmax temperature.
+        value_head: `Linear(D, 1)` on the last hidden state (PPO), or None.
     """
 
-    def __init__(self, model: nn.Module, family: ModelFamily, action_ids: torch.Tensor, temperature: float) -> None:
-        self.model, self.family, self.action_ids, self.temperature = model, family, action_ids, temperature
+    def __init__(self, model: nn.Module, family: ModelFamily, action_ids: torch.Tensor, temperature: float,
+                 value_head: nn.Module | None = None) -> None:
+        self.model, self.family, self.action_ids = model, family, action_ids
+        self.temperature, self.value_head = temperature, value_head
 
     def __call__(self, inputs: ModelInputs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return action_dist(self.model, self.family, inputs, positions, self.action_ids, self.temperature), None
+        if self.value_head is None:
+            return action_dist(self.model, self.family, inputs, positions, self.action_ids, self.temperature), None
+        logits, hidden = self.family.logits_and_hidden(self.model, inputs)  # [N, T, V], [N, T, D]
+        dist = torch.log_softmax(_at(logits.index_select(-1, self.action_ids), positions).float() / self.temperature, -1)
+        state = _at(hidden, positions[:, :1])[:, 0]  # [N, D] at the first action position
+        return dist, self.value_head(state.to(self.value_head.weight.dtype)).float()[:, 0]  # [N, A, K], [N]
 
 
 def gumbel_sample(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

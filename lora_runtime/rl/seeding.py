@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["STREAMS", "RunSeeds", "base_seeds", "derive_seed"]
 
-STREAMS = ("adapter_init", "sampling", "environment", "global")
+STREAMS = ("adapter_init", "value_head_init", "sampling", "environment", "global")
 _PER_RANK = ("sampling", "environment", "global")
 
 

@@ -48,6 +48,7 @@ from lora_runtime.config import AlgorithmConfig, RunConfig
 from lora_runtime.parallel.shared_dir import shared_atomic_dirs
 from lora_runtime.rl.models import save_model_folder
 from lora_runtime.rl.outputs import UsageError
+from lora_runtime.rl.value_head import save_full_mode_head, value_head_set_aside
 
 STATE_DIR = "train_state"
 META_FILE = "meta.json"
@@ -89,9 +90,11 @@ def save_weights(folder: str, model: nn.Module, mode: str, run_cfg: RunConfig) -
         save_adapter(model, folder)
         return
     inner = unwrap_model(model)
-    with parallel.gathered(inner):  # whole weights on every rank (no-op unsharded)
+    with parallel.gathered(inner), value_head_set_aside(inner) as head:  # whole weights on every rank
         if parallel.is_main_process():
             save_model_folder(inner, folder, task=run_cfg.task.model_dump())
+            if head is not None:
+                save_full_mode_head(head, folder)
     parallel.barrier()
 
 

@@ -21,12 +21,12 @@ from torch import nn
 
 from lora_runtime import parallel
 from lora_runtime._fs import write_json_atomic, write_text_atomic
-from lora_runtime.adapters import iter_lora_layers, trainable_summary
+from lora_runtime.adapters import iter_lora_layers, trainable_summary, unwrap_model
 from lora_runtime.compile import compile_actor
 from lora_runtime.config import RunConfig, RunnerConfig
 from lora_runtime.rl.actor_builder import build_actor
 from lora_runtime.rl.builtin_base import base_path, base_report, load_base
-from lora_runtime.rl.learners import GRPOLearner, learner_for
+from lora_runtime.rl.learners import GRPOLearner, PPOLearner, learner_for
 from lora_runtime.rl.loop import lr_at, rl_step
 from lora_runtime.rl.outputs import (
     MetricsWriter,
@@ -46,6 +46,7 @@ from lora_runtime.rl.train_state import (
     load_train_state,
     save_weights_and_state,
 )
+from lora_runtime.rl.value_head import VALUE_HEAD, attach_value_head
 
 __all__ = ["Display", "RunResult", "train"]
 
@@ -109,7 +110,7 @@ class Session:
     device: torch.device
     out: str
     start_step: int = 0
-    learner: GRPOLearner | None = None
+    learner: GRPOLearner | PPOLearner | None = None
     saved: list[str] = field(default_factory=list)
     saved_step: int = -1
 
@@ -198,13 +199,20 @@ def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.dev
             model = build_actor(run_cfg, log=log).to(device)
         learner = learner_for(algo)
         task = build_task(run_cfg, model)
+        if learner.uses_value_head:
+            attach_value_head(model, run_cfg, task.family)
         reference = Reference(model, run_cfg.actor.model.mode)  # full mode copies the plain model
         model = parallel.wrap_actor(model, cfg.distributed)  # FSDP2 in place, or the DDP wrapper
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=algo.lr, weight_decay=algo.weight_decay)
+        # The multi-tensor (foreach) AdamW: a few kernels for all parameters instead of a loop
+        # over them. Not `fused=True`: on CPU (torch 2.13) the fused kernel updates the
+        # parameters without bumping their version counters, which the grouped siblings'
+        # stacked-A cache and merged()'s exact store rely on (a stale cache changed the policy).
+        optimizer = torch.optim.AdamW(params, lr=algo.lr, weight_decay=algo.weight_decay, foreach=True)
         seeds = RunSeeds(cfg.seed, parallel.get_rank())
         generator = seeds.generator("sampling")  # this rank's scenes and actions
         seeds.seed_global()  # dropout and anything else on torch's default generator
+        task.fixed_shapes = cfg.compile  # a compiled actor sees one shape: it compiles once
         session = Session(run_cfg, model, model, task, optimizer, generator, reference, device, out, learner=learner)
         state_dir = find_train_state(run_cfg) if cfg.resume_train_state else None
         if state_dir is not None:
@@ -212,14 +220,15 @@ def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.dev
             log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
         session.task.measure_levels(base_report(run_cfg), lambda: load_base(run_cfg, create=False))
         if cfg.compile:
-            session.forward_model = compile_actor(model)
+            session.forward_model = compile_actor(model, dynamic=False)  # fixed shapes: one graph per state
         return _run(session, on_step, log, display)
 
 
 def _policy(session: Session) -> ActorPolicy:
     """The actor as the step's policy: through the compiled wrapper when there is one."""
+    head = getattr(unwrap_model(session.model), VALUE_HEAD, None)
     return ActorPolicy(session.forward_model, session.task.family, session.task.action_ids.to(session.device),
-                       session.run_cfg.algorithm.temperature)
+                       session.run_cfg.algorithm.temperature, head)
 
 
 def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log: Callable[[str], None],
@@ -246,7 +255,8 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                 for group in session.optimizer.param_groups:
                     group["lr"] = lr_at(session.run_cfg.algorithm, cfg.steps, i)
                 stats = rl_step(session.model, policy, session.learner, session.task, session.reference,
-                                session.optimizer, session.run_cfg, session.generator, session.device)
+                                session.optimizer, session.run_cfg, session.generator, session.device,
+                                fixed_rows=cfg.compile)
                 stats = parallel.reduce_metrics(stats)  # means over ranks
                 stats["samples_per_s"] *= parallel.get_world_size()  # all ranks' samples
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,

@@ -589,3 +589,71 @@ def test_load_adapter_takes_a_folder_already_read(tmp_path):
     for name, layer in iter_lora_layers(model):
         assert torch.equal(layer.lora_A.weight, tensors[f"{name}.lora_A.weight"])
         assert torch.equal(layer.lora_B.weight, tensors[f"{name}.lora_B.weight"])
+
+
+# ----------------------------------------------------------------------------- modules_to_save
+
+
+def _model_with_head(seed: int = 0):
+    from lora_runtime.adapters import apply_lora, mark_modules_to_save
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(8, 8))
+    model.add_module("value_head", torch.nn.Linear(8, 1))
+    apply_lora(model, rank=2, target_modules=["q_proj"])
+    with torch.no_grad():
+        model.q_proj.lora_B.weight.normal_()
+    mark_modules_to_save(model, ["value_head"])
+    return model
+
+
+def test_saved_modules_round_trip_under_peft_keys(tmp_path):
+    import json
+
+    from safetensors.torch import load_file as load_st
+
+    from lora_runtime.adapters import load_adapter, save_adapter
+
+    a, b = _model_with_head(0), _model_with_head(1)
+    save_adapter(a, tmp_path / "ad")
+    keys = set(load_st(str(tmp_path / "ad" / "adapter_model.safetensors")))
+    assert {"base_model.model.value_head.weight", "base_model.model.value_head.bias"} <= keys
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["modules_to_save"] == ["value_head"]
+    load_adapter(b, tmp_path / "ad")
+    assert torch.equal(b.value_head.weight, a.value_head.weight) and torch.equal(b.value_head.bias, a.value_head.bias)
+    assert torch.equal(b.q_proj.lora_B.weight, a.q_proj.lora_B.weight)
+    # a model without the module (patched for evaluation, say) loads the adapter without it
+    from lora_runtime.adapters import apply_lora
+
+    torch.manual_seed(2)
+    plain = torch.nn.Sequential()
+    plain.add_module("q_proj", torch.nn.Linear(8, 8))
+    apply_lora(plain, rank=2, target_modules=["q_proj"])
+    load_adapter(plain, tmp_path / "ad")
+    assert torch.equal(plain.q_proj.lora_B.weight, a.q_proj.lora_B.weight)
+
+
+def test_saved_module_problems_are_refused_and_nothing_changes(tmp_path):
+    import json
+
+    from lora_runtime.adapters import AdapterError, load_adapter, save_adapter
+
+    a = _model_with_head(0)
+    save_adapter(a, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["modules_to_save"] = ["value_head", "critic"]
+    cfg_path.write_text(json.dumps(cfg))
+    b = _model_with_head(1)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(AdapterError, match=r"lists modules_to_save=\['critic'\] but the file holds no weights"):
+        load_adapter(b, tmp_path / "ad")
+    cfg["modules_to_save"] = ["value_head"]
+    cfg_path.write_text(json.dumps(cfg))
+    small = torch.nn.Sequential()
+    small.add_module("q_proj", b.q_proj)
+    small.add_module("value_head", torch.nn.Linear(4, 1))  # another shape
+    with pytest.raises(AdapterError, match=r"saved module value_head.weight has shape \[1, 8\], expected \[1, 4\]"):
+        load_adapter(small, tmp_path / "ad")
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in before.items())

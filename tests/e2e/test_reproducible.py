@@ -114,7 +114,7 @@ def test_streams_are_pure_functions_of_seed_stream_and_rank():
 
 
 def test_unknown_stream_is_refused():
-    with pytest.raises(ValueError, match=r"stream='dropout'; allowed \['adapter_init', 'sampling', 'environment', 'global'\]"):
+    with pytest.raises(ValueError, match=r"stream='dropout'; allowed \['adapter_init', 'value_head_init', 'sampling', 'environment', 'global'\]"):
         RunSeeds(0).generator("dropout")
 
 

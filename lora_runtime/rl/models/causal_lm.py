@@ -56,9 +56,15 @@ class CausalLMFamily(ModelFamily):
         view = inputs.symbol_ids.repeat_interleave(inputs.repeats, dim=0)  # [N, S]
         return torch.cat([view, inputs.prompt_ids], dim=1), view.shape[1]
 
-    def logits(self, model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    def hidden_size(self, model: nn.Module) -> int:
+        return model.get_output_embeddings().in_features
+
+    def logits_and_hidden(self, model: nn.Module, inputs: ModelInputs,
+                          with_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids, s = self.token_ids(inputs)
-        return model(input_ids=ids, use_cache=False).logits[:, s:]  # [N, T, V]
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=with_hidden)
+        hidden = out.hidden_states[-1][:, s:] if with_hidden else None  # [N, T, D] (after the final norm)
+        return out.logits[:, s:], hidden  # [N, T, V]
 
     def export_call(self, model: nn.Module, inputs: ModelInputs) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         return LogitsOnly(model), (self.token_ids(inputs)[0],)

@@ -35,6 +35,20 @@ class ModelFamily:
 
     def logits(self, model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
         """`[N, T, vocab]` next-token logits at the prompt positions of `inputs`."""
+        return self.logits_and_hidden(model, inputs, False)[0]
+
+    def logits_and_hidden(self, model: nn.Module, inputs: ModelInputs,
+                          with_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(logits [N, T, vocab], hidden [N, T, D] or None)`: the last hidden state is the
+        output layer's input (what a value head reads), from the same forward."""
+        raise NotImplementedError
+
+    def max_prompt_len(self, model: nn.Module) -> int | None:
+        """The longest prompt the model reads (prompts padded to it keep shapes fixed), or None."""
+        return None
+
+    def hidden_size(self, model: nn.Module) -> int:
+        """`D`, the width of the last hidden state."""
         raise NotImplementedError
 
     def export_call(self, model: nn.Module, inputs: ModelInputs) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:

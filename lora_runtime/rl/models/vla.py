@@ -211,7 +211,7 @@ class LanguageModel(nn.Module):
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
-    def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, prefix: torch.Tensor, input_ids: torch.Tensor, with_hidden: bool = False) -> torch.Tensor:
         text = self.embed_tokens(input_ids)  # (B, T, D)
         x = torch.cat([prefix, text], dim=1)  # (B, V + T, D)
         n = x.shape[1]
@@ -219,7 +219,10 @@ class LanguageModel(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         x = self.norm(x[:, prefix.shape[1]:])  # (B, T, D): text positions only
-        return self.lm_head(x)  # (B, T, vocab)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if with_hidden:
+            return torch.cat([logits, x.to(logits.dtype)], dim=-1)  # (B, T, vocab + D)
+        return logits
 
 
 class TinyVLA(nn.Module):
@@ -242,7 +245,7 @@ class TinyVLA(nn.Module):
         return self.projector(self.vision(pixel_values))
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, image_repeats: int = 1
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, image_repeats: int = 1, with_hidden: bool = False
     ) -> torch.Tensor:
         """Next-token logits at the text positions.
 
@@ -252,14 +255,18 @@ class TinyVLA(nn.Module):
                 `i * image_repeats ... (i + 1) * image_repeats - 1` see image `i` (a GRPO
                 group shares one encoded image).
             image_repeats: how many consecutive token rows share each image.
+            with_hidden: also return the decoder's last hidden state (the input of `lm_head`,
+                what a value head reads), concatenated after the logits (one tensor keeps
+                the forward scriptable and DDP's forward the only way in).
 
         Returns:
-            `[B * image_repeats, T, vocab_size]` logits; position `t` predicts token `t + 1`.
+            `[B * image_repeats, T, vocab_size]` logits; position `t` predicts token `t + 1`;
+            with `with_hidden`, `[B * image_repeats, T, vocab_size + text_dim]`.
         """
         prefix = self.encode_images(pixel_values)  # (B, V, D)
         if image_repeats != 1:
             prefix = prefix.repeat_interleave(image_repeats, dim=0)  # (B * G, V, D)
-        return self.language_model(prefix, input_ids)
+        return self.language_model(prefix, input_ids, with_hidden)
 
 
 @torch.no_grad()

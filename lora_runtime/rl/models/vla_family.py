@@ -12,11 +12,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_runtime._fs import write_json_atomic
+from lora_runtime.adapters import unwrap_model
 from lora_runtime.config import BuiltinActorConfig, ConfigError
 from lora_runtime.rl.models.family import ModelFamily
 from lora_runtime.rl.models.folders import CONFIG_NAME, WEIGHTS_NAME
 from lora_runtime.rl.models.inputs import ModelInputs
 from lora_runtime.rl.models.vla import MODEL_TYPE, TinyVLA
+
+
+def _inner(model: nn.Module) -> TinyVLA:
+    return unwrap_model(model)
 
 
 class VLAFamily(ModelFamily):
@@ -38,11 +43,22 @@ class VLAFamily(ModelFamily):
     def image_size(self, model: nn.Module) -> int | None:
         return model.config.image_size
 
-    def logits(self, model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    def max_prompt_len(self, model: nn.Module) -> int | None:
+        return _inner(model).config.max_text_len
+
+    def hidden_size(self, model: nn.Module) -> int:
+        return _inner(model).config.text_dim
+
+    def logits_and_hidden(self, model: nn.Module, inputs: ModelInputs,
+                          with_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         pixels = inputs.pixels
         if pixels.dtype == torch.uint8:
             pixels = pixels.float() / 255.0  # [B, 3, H, W] in [0, 1]
-        return model(pixels, inputs.prompt_ids, inputs.repeats)  # [N, T, V]
+        if not with_hidden:
+            return model(pixels, inputs.prompt_ids, inputs.repeats), None  # [N, T, V]
+        both = model(pixels, inputs.prompt_ids, inputs.repeats, with_hidden=True)  # [N, T, V + D]
+        vocab = both.shape[-1] - self.hidden_size(_inner(model))
+        return both[..., :vocab], both[..., vocab:]
 
     def export_call(self, model: nn.Module, inputs: ModelInputs) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
         pixels = inputs.pixels if inputs.pixels.dtype != torch.uint8 else inputs.pixels.float() / 255.0

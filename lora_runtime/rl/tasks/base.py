@@ -26,7 +26,8 @@ class Experience:
     """One step's rollouts as the update reads them: `N` rows of `A` action tokens each.
 
     GRPO's view (`collect`): the rows come from `E` rollouts (episodes or sequences) in
-    groups of `group_size` contiguous ones, `episode` maps rows to rollouts.
+    groups of `group_size` contiguous ones, `episode` maps rows to rollouts. PPO's view
+    (`collect_steps`): the rows are a `[T, M]` grid of environment steps, t-major.
     """
 
     inputs: ModelInputs  # N rows (on the rollout's device or CPU)
@@ -39,6 +40,11 @@ class Experience:
     returns: torch.Tensor | None = None  # [E] float, each rollout's return (GRPO)
     group_size: int = 1
     drop_flat_groups: bool = False  # GRPO may leave out groups whose returns are all equal (DAPO)
+    values: torch.Tensor | None = None  # [T, M] each state's value at rollout time (PPO)
+    next_values: torch.Tensor | None = None  # [T, M] the value of the state reached (PPO)
+    rewards: torch.Tensor | None = None  # [T, M] (PPO)
+    terminated: torch.Tensor | None = None  # [T, M] bool (PPO)
+    ended: torch.Tensor | None = None  # [T, M] bool, terminated or truncated (PPO)
 
 
 class Task:
@@ -49,6 +55,7 @@ class Task:
         splits_over_ranks: the rollouts of one step can be split over torchrun ranks (all
             ranks then take the same number of forward passes).
         held_out_eval: `evaluate` measures greedy results on held-out seeds.
+        steps_environments: `collect_steps` steps environments (what PPO needs).
 
     Instance attributes (set by `build`):
         family: the actor's model family.
@@ -60,6 +67,7 @@ class Task:
     section: ClassVar[type[TaskSection]]
     splits_over_ranks: ClassVar[bool] = True
     held_out_eval: ClassVar[bool] = False
+    steps_environments: ClassVar[bool] = False
 
     family: ModelFamily
     action_ids: torch.Tensor
@@ -73,6 +81,8 @@ class Task:
         Raises:
             ConfigError: the message names the key.
         """
+        if run_cfg.algorithm.name == "ppo" and not cls.steps_environments:
+            raise ConfigError(cls._no_steps())
         if not cls.splits_over_ranks and run_cfg.runner.distributed != "none":
             raise ConfigError(
                 f"runner.distributed={run_cfg.runner.distributed!r} is not supported with task.kind: "
@@ -111,6 +121,19 @@ class Task:
         """Samples `num_groups` seeds from `generator`, `group_size` rollouts each, scored
         (GRPO). `policy` runs on the device of its `action_ids`."""
         raise NotImplementedError
+
+    def collect_steps(self, policy: ActorPolicy, steps: int, generator: torch.Generator) -> Experience:
+        """`steps` steps of every environment, with the policy's values (PPO).
+
+        Raises:
+            ConfigError: the task has no environments to step (one-step tasks).
+        """
+        raise ConfigError(self._no_steps())
+
+    @classmethod
+    def _no_steps(cls) -> str:
+        return (f"algorithm.name: ppo needs a multi-step task (task.kind: babyai or gym); task.kind: "
+                f"{cls.section.model_fields['kind'].default} has no environment steps; use algorithm.name: grpo")
 
     def measure_levels(self, base_report: dict[str, Any] | None, base: Callable[[], nn.Module]) -> None:
         """Fills `chance_reward` and `levels` (the random policy's, the warm start's).

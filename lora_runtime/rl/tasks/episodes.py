@@ -81,12 +81,16 @@ class ModelPolicy:
         policy: the actor's `ActorPolicy` (model, family, action ids, temperature).
         generator: CPU generator of the Gumbel noise (unused when greedy).
         greedy: take the most likely action instead of sampling.
+        fixed_rows: run the model on every environment at every step (the finished ones
+            on their last observation, results dropped), so its input shapes never change
+            and a compiled model compiles once; the actions drawn are the same.
     """
 
     needs_obs = True
 
-    def __init__(self, policy: ActorPolicy, generator: torch.Generator | None, greedy: bool) -> None:
-        self.policy, self.generator, self.greedy = policy, generator, greedy
+    def __init__(self, policy: ActorPolicy, generator: torch.Generator | None, greedy: bool,
+                 fixed_rows: bool = False) -> None:
+        self.policy, self.generator, self.greedy, self.fixed_rows = policy, generator, greedy, fixed_rows
 
     def start(self, index: int, env: Any) -> None:
         """Called after each reset of environment `index`."""
@@ -94,6 +98,8 @@ class ModelPolicy:
     def act(self, obs: ModelInputs | None, active: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.policy.action_ids.device
         logp = self.policy(obs.to(device), action_positions(obs).to(device))[0][:, 0].cpu()  # [n, K]
+        if self.fixed_rows:
+            logp = logp[torch.as_tensor(active)]  # [a, K] the running environments' rows
         choice = logp.argmax(dim=-1) if self.greedy else gumbel_sample(logp, self.generator)  # [a]
         return choice, logp.gather(-1, choice[:, None])[:, 0]
 
@@ -169,11 +175,15 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
         previous = np.full(width, -1, dtype=np.int64)  # [width] each environment's last action (-1: none yet)
         while active:
             per_env = task.split(batched)
+            every = getattr(policy, "fixed_rows", False)
+            rows = list(range(width)) if every else active
             if record or policy.needs_obs:
-                obs = task.encode([per_env[i] for i in active], previous[active] if task.prev_action else None)
+                obs = task.encode([per_env[i] for i in rows], previous[rows] if task.prev_action else None)
             else:
                 obs = None
             choice, logp = policy.act(obs, active)
+            if every and obs is not None:
+                obs = obs.select(torch.as_tensor(active))
             actions = np.zeros(width, dtype=np.int64)
             actions[active] = choice.numpy()
             previous[active] = actions[active]
@@ -208,3 +218,97 @@ def random_baseline(task: EpisodicTask, episodes: int = BASELINE_EPISODES) -> di
     policy = UniformPolicy(task.num_actions_per_step, torch.Generator().manual_seed(0))
     return run_episodes(task, held_out_seeds(episodes), policy, record=False).stats()
 
+
+@dataclass
+class Steps:
+    """`T` steps of each of `M` environments (PPO's rollout), rows t-major (`t * M + m`)."""
+
+    obs: ModelInputs  # T * M observations
+    actions: torch.Tensor  # [T * M] long
+    logp: torch.Tensor  # [T * M]
+    values: torch.Tensor  # [T, M] value of each step's state
+    next_values: torch.Tensor  # [T, M] value of the state reached (the final one when the episode ended)
+    rewards: torch.Tensor  # [T, M]
+    terminated: torch.Tensor  # [T, M] bool
+    ended: torch.Tensor  # [T, M] bool: terminated or truncated (time limit, task.max_episode_steps)
+    returns: list[float]  # returns of the episodes that ended in the rollout
+    lengths: list[int]  # their lengths
+    rollout_s: float = 0.0
+
+    def stats(self) -> dict[str, float]:
+        done = len(self.returns)
+        steps = int(self.actions.numel())
+        nan = float("nan")
+        return {
+            "success_rate": sum(r > 0 for r in self.returns) / done if done else nan,
+            "reward_mean": sum(self.returns) / done if done else nan,
+            "episode_len": sum(self.lengths) / done if done else nan,
+            "episodes": done,
+            "env_steps": steps,
+            "rollout_s": self.rollout_s,
+            "env_steps_per_s": steps / max(self.rollout_s, 1e-9),
+        }
+
+
+def run_steps(task: EpisodicTask, policy: ActorPolicy, steps: int, generator: torch.Generator) -> Steps:
+    """Steps every environment `steps` times with the sampled policy and its value head.
+
+    Every environment starts from a reset with a fresh training seed from `generator`; one
+    that ends is reset at once with the next seed (so the rollout is reproducible and a run
+    resumes exactly). The model always sees all `M` environments (fixed shapes). A truncated
+    episode gets the value of its final observation for its bootstrap (one more forward on
+    `M` rows at a step where any episode is truncated); the last step is bootstrapped from
+    the next observation.
+    """
+    start = time.perf_counter()
+    envs, m = task.env.envs, task.num_envs
+    device = policy.action_ids.device
+    with quiet():
+        obs = [env.reset(seed=s)[0] for env, s in zip(envs, draw_seeds(generator, m))]
+    previous = np.full(m, -1, dtype=np.int64)
+    ep_ret, ep_len = np.zeros(m), np.zeros(m, dtype=np.int64)
+    parts, acts, logps, values = [], [], [], []
+    rewards = np.zeros((steps, m))
+    terminated, ended = np.zeros((steps, m), dtype=bool), np.zeros((steps, m), dtype=bool)
+    final_values = torch.zeros(steps, m)
+    returns, lengths = [], []
+
+    def evaluate(observations: list[Any], prev: np.ndarray) -> tuple[ModelInputs, torch.Tensor, torch.Tensor]:
+        x = task.encode(observations, prev if task.prev_action else None)
+        dist, value = policy(x.to(device), action_positions(x).to(device))
+        return x, dist[:, 0].cpu(), value.cpu()  # [M, K], [M]
+
+    for t in range(steps):
+        x, logp, value = evaluate(obs, previous)
+        choice = gumbel_sample(logp, generator)  # [M]
+        parts.append(x)
+        acts.append(choice)
+        logps.append(logp.gather(-1, choice[:, None])[:, 0])
+        values.append(value)
+        previous = choice.numpy().astype(np.int64)
+        finals = list(obs)
+        with quiet():
+            for i, env in enumerate(envs):
+                o, r, term, trunc, _ = env.step(int(choice[i]))
+                ep_ret[i] += r
+                ep_len[i] += 1
+                rewards[t, i], terminated[t, i] = r, term
+                ended[t, i] = term or trunc or ep_len[i] >= task.max_episode_steps
+                obs[i] = finals[i] = o
+        truncated = ended[t] & ~terminated[t]
+        if truncated.any():  # V(final observation) of the cut episodes, on all M rows
+            final_values[t] = torch.where(torch.from_numpy(truncated), evaluate(finals, previous)[2], 0.0)
+        for i in np.flatnonzero(ended[t]):
+            returns.append(float(ep_ret[i]))
+            lengths.append(int(ep_len[i]))
+            ep_ret[i], ep_len[i], previous[i] = 0.0, 0, -1
+            with quiet():
+                obs[i] = envs[i].reset(seed=draw_seeds(generator, 1)[0])[0]
+    bootstrap = evaluate(obs, previous)[2]  # [M] the states after the last step
+    values_t = torch.stack(values)  # [T, M]
+    next_values = torch.cat([values_t[1:], bootstrap[None]])  # [T, M] the next step's value ...
+    ended_t = torch.from_numpy(ended)
+    next_values = torch.where(ended_t, final_values, next_values)  # ... unless the episode ended there
+    return Steps(ModelInputs.cat(parts), torch.cat(acts), torch.cat(logps), values_t, next_values,
+                 torch.from_numpy(rewards).float(), torch.from_numpy(terminated), ended_t, returns, lengths,
+                 time.perf_counter() - start)

@@ -50,6 +50,7 @@ from lora_runtime.rl.tasks.episodes import (
     quiet,
     random_baseline,
     run_episodes,
+    run_steps,
 )
 
 EPISODE_LIMIT = 10_000  # a cap for environments without a time limit
@@ -85,6 +86,7 @@ class EpisodicTask(Task):
     section = EpisodicSection
     splits_over_ranks = False  # ranks would play episodes of different lengths
     held_out_eval = True
+    steps_environments = True
 
     def __init__(self, name: str, make_env: Callable[[], Any], adapter: Any, num_envs: int, vocab_size: int,
                  image_size: int | None, max_episode_steps: int | None = None, prev_action: bool = False,
@@ -99,6 +101,9 @@ class EpisodicTask(Task):
         self.num_actions_per_step = int(space.n)
         self.max_episode_steps = max_episode_steps or EPISODE_LIMIT
         self.family, self.cfg = family, cfg
+        # With fixed shapes (a compiled actor) every forward sees all environments and prompts
+        # padded to `prompt_width` (the model's longest text), so it compiles once.
+        self.fixed_shapes, self.prompt_width = False, None
         words = list(adapter.vocabulary)
         if image_size is None:
             if not hasattr(adapter, "symbols"):
@@ -136,6 +141,7 @@ class EpisodicTask(Task):
         with quiet():
             task = cls(name, make_env, adapter, t.num_envs, family.vocab_size(model), family.image_size(model),
                        t.max_episode_steps, t.prev_action, family, t)
+        task.prompt_width = family.max_prompt_len(model)
         return task
 
     @property
@@ -167,6 +173,11 @@ class EpisodicTask(Task):
             previous = [-1] * len(prompts) if previous is None else previous
             prompts = [p + [int(self.action_ids[a]) if a >= 0 else BOS] for p, a in zip(prompts, previous)]
         width = max(len(p) for p in prompts)
+        if self.fixed_shapes and self.prompt_width is not None:
+            if width > self.prompt_width:
+                raise ConfigError(f"task {self.name!r}: a prompt of {width} tokens is longer than the model's "
+                                  f"{self.prompt_width} (actor.builtin.max_text_len)")
+            width = self.prompt_width
         prompt_ids = torch.tensor([p + [PAD] * (width - len(p)) for p in prompts])  # [N, T]
         lengths = torch.tensor([len(p) for p in prompts])  # [N]
         pixels = symbols = None
@@ -201,11 +212,19 @@ class EpisodicTask(Task):
         """Whole episodes, seed-grouped. Reproducible: the same generator state gives the same
         seeds, actions and returns."""
         seeds = [s for s in draw_seeds(generator, num_groups) for _ in range(group_size)]
-        eps = run_episodes(self, seeds, ModelPolicy(policy, generator, False))
+        eps = run_episodes(self, seeds, ModelPolicy(policy, generator, False, self.fixed_shapes))
         stats = {**eps.stats(), "reward_std": eps.returns.std().item()}
         return Experience(eps.obs, action_positions(eps.obs), eps.actions[:, None], eps.logp[:, None],
                           stats, int(stats["env_steps"]), episode=eps.episode, returns=eps.returns,
                           group_size=group_size, drop_flat_groups=True)
+
+    @torch.no_grad()
+    def collect_steps(self, policy: ActorPolicy, steps: int, generator: torch.Generator) -> Experience:
+        """`steps` steps of every environment with values (PPO; see `episodes.run_steps`)."""
+        st = run_steps(self, policy, steps, generator)
+        return Experience(st.obs, action_positions(st.obs), st.actions[:, None], st.logp[:, None], st.stats(),
+                          int(st.actions.numel()), values=st.values, next_values=st.next_values,
+                          rewards=st.rewards, terminated=st.terminated, ended=st.ended)
 
     def evaluate(self, model: nn.Module, episodes: int | None, device: torch.device | str = "cpu") -> dict[str, Any]:
         """Greedy success rate, mean return and length over the first held-out seeds.
@@ -223,7 +242,7 @@ class EpisodicTask(Task):
         seeds = held_out_seeds(n)
         policy = ActorPolicy(model, self.family, self.action_ids.to(device), 1.0)
         with torch.no_grad():
-            result = run_episodes(self, seeds, ModelPolicy(policy, None, True), record=False)
+            result = run_episodes(self, seeds, ModelPolicy(policy, None, True, self.fixed_shapes), record=False)
         return {**result.stats(), "episodes": n, "first_seed": seeds[0]}
 
     def warm_start(self, model: nn.Module, run_cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
