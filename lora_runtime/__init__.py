@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the public names (`X as X`: an explicit re-export); never e
     from lora_runtime.errors import AdapterError as AdapterError
     from lora_runtime.errors import ConfigError as ConfigError
     from lora_runtime.errors import MergeError as MergeError
+    from lora_runtime.errors import RewardError as RewardError
     from lora_runtime.errors import UsageError as UsageError
     from lora_runtime.ops import extension_loaded as extension_loaded
     from lora_runtime.ops import lora_linear as lora_linear

@@ -8,11 +8,16 @@ them all.
 
 from __future__ import annotations
 
-__all__ = ["AdapterError", "ConfigError", "MergeError", "UsageError"]
+__all__ = ["AdapterError", "ConfigError", "MergeError", "RewardError", "UsageError"]
 
 
 class ConfigError(ValueError):
     """A config file or override that does not validate; the message names file and key."""
+
+
+class RewardError(ConfigError):
+    """A reward function of `task.reward` that cannot be loaded or returned something unusable
+    (the message names the function, what it returned and what is expected)."""
 
 
 class UsageError(ValueError):

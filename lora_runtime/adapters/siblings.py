@@ -85,7 +85,10 @@ class SiblingGroup:
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or _in_process_group():
             # autograd splits dA back; under FSDP2 the gathered A is refilled in place each
             # forward without a version bump, so a cache keyed on (data_ptr, _version) would
-            # go stale (seen: load_adapter into a sharded actor kept the old A)
+            # go stale (seen: load_adapter into a sharded actor kept the old A). A forward with
+            # grad also drops the cache: an optimizer step may follow, and the fused AdamW
+            # (torch._fused_adamw_) changes A in place without bumping its version.
+            self._a_key = self._a_cached = None
             return torch.cat([w.to(dtype) for w in weights])
         key = (dtype, *((w.data_ptr(), w._version) for w in weights))
         if key != self._a_key or self._a_cached is None:

@@ -4,7 +4,7 @@
     lora-runtime inspect CONFIG [--set ...]
     lora-runtime merge --adapter DIR --out DIR (--base DIR | [CONFIG] [--set ...])
     lora-runtime export CONFIG --format torchscript|aoti [--merged] --out FILE [--set ...]
-    lora-runtime eval CONFIG [--episodes N] [--adapter DIR | --merged] [--set ...]
+    lora-runtime eval CONFIG [--episodes N] [--adapter DIR | --merged] [--json FILE] [--set ...]
     lora-runtime demo [--configs DIR] [--output-root DIR] [--set ...]
     lora-runtime bench [bench options ...]
 
@@ -77,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="the file to create (.pt or .pt2; must not exist)")
     _add_set(p)
 
-    p = sub.add_parser("eval", help="greedy success rate and return on held-out seeds (multi-step tasks)",
+    p = sub.add_parser("eval", help="greedy success rate and return on held-out seeds or prompts",
                        description="Evaluate greedily on held-out seeds (never a training seed): the config's base "
                        "(with its lora_path adapter, if any), --adapter DIR on the base, or with --merged the adapter "
                        "folded into the base weights. A full run's model/: --set actor.model.model_path=RUN/model.")
-    p.add_argument("config", metavar="CONFIG", help="the run's YAML file (task.kind babyai or gym)")
-    p.add_argument("--episodes", type=int, metavar="N", help="held-out episodes (default: task.eval_episodes)")
+    p.add_argument("config", metavar="CONFIG", help="the run's YAML file (task.kind babyai, gym or text)")
+    p.add_argument("--episodes", type=int, metavar="N",
+                   help="held-out episodes or prompts (default: task.eval_episodes; text: task.eval_prompts or all)")
+    p.add_argument("--json", metavar="FILE", help="also write the results to FILE (JSON)")
     p.add_argument("--adapter", metavar="DIR", help="adapter folder to evaluate on the config's base")
     p.add_argument("--merged", action="store_true", help="fold the adapter into the base weights before evaluating")
     _add_set(p)
@@ -91,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train configs/lora_new.yaml, then configs/lora_resume.yaml (resuming the "
                        "adapter the first run saved), with configs/full.yaml alongside (its output in "
                        "<its output_dir>/train.log), each in its own process, and print one table comparing them. Results of an earlier demo in the same folders are replaced.")
-    p.add_argument("--configs", default="configs", metavar="DIR", help="folder holding the three YAML files (default: configs)")
+    p.add_argument("--configs", default=None, metavar="DIR", help="folder holding the three YAML files (default: configs)")
+    p.add_argument("--task", metavar="NAME", help="the demo of configs/NAME/ (e.g. --task text: GRPO on a language "
+                   "model); the same as --configs configs/NAME")
     p.add_argument("--output-root", metavar="DIR", help="write the runs to DIR/lora_new, DIR/lora_resume, DIR/full "
                    "(default: each config's runner.output_dir)")
     _add_set(p)
@@ -138,10 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             from lora_runtime.cli.evaluate import run_eval  # deferred: start-up time
 
-            return run_eval(args.config, args.episodes, args.adapter, args.merged, args.overrides)
+            return run_eval(args.config, args.episodes, args.adapter, args.merged, args.overrides, args.json)
         from lora_runtime.cli.demo import run_demo  # deferred: start-up time
 
-        return run_demo(args.configs, args.output_root, args.overrides)
+        if args.task is not None and args.configs is not None:
+            return _fail("demo: give --task or --configs, not both")
+        configs = args.configs or (os.path.join("configs", args.task) if args.task else "configs")
+        return run_demo(configs, args.output_root, args.overrides)
     except (ConfigError, AdapterError, UsageError, MergeError) as exc:
         return _fail(str(exc).strip())
     except KeyboardInterrupt:

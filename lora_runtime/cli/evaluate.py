@@ -1,12 +1,12 @@
 """`lora-runtime eval`: greedy success rate and mean return on held-out seeds.
 
-    lora-runtime eval CONFIG [--episodes N] [--adapter DIR | --merged] [--set ...]
+    lora-runtime eval CONFIG [--episodes N] [--adapter DIR | --merged] [--json FILE] [--set ...]
 
 The model is the config's base (`model_path`, or the built-in warm-started base), with the
 config's `lora_path` adapter when it has one; `--adapter DIR` evaluates that adapter on the
 base instead; `--merged` folds the adapter into the base weights first (`merge_lora`) and
 evaluates the plain merged model. A full-mode run's `model/` is evaluated with
-`--set actor.model.model_path=<run>/model`. Nothing is written.
+`--set actor.model.model_path=<run>/model`. Nothing is written but `--json FILE`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from lora_runtime._fs import write_json_atomic
 from lora_runtime._threads import num_threads
 from lora_runtime.adapters import apply_and_load_adapter, merge_lora
 from lora_runtime.cli.commands import _log, prefixed_errors
@@ -35,7 +36,7 @@ def evaluate_config(run_cfg: RunConfig, episodes: int | None, adapter: str | Non
         AdapterError: an adapter folder that cannot be loaded (names `--adapter`).
     """
     if not task_class(run_cfg.task.kind).held_out_eval:
-        raise UsageError(f"eval needs a task with held-out seeds (task.kind: babyai or gym); task.kind: "
+        raise UsageError(f"eval needs a task with held-out seeds or prompts (task.kind: babyai, gym or text); task.kind: "
                          f"{run_cfg.task.kind} reports its reward in metrics.jsonl")
     if episodes is not None and episodes < 1:
         raise UsageError(f"eval --episodes {episodes}: must be at least 1")
@@ -71,14 +72,17 @@ def print_eval(rows: Sequence[dict[str, Any]], title: str) -> None:
     ])
 
 
-def run_eval(config: str, episodes: int | None, adapter: str | None, merged: bool, overrides: Sequence[str] = ()) -> int:
-    """`lora-runtime eval`: prints the table; returns 0."""
+def run_eval(config: str, episodes: int | None, adapter: str | None, merged: bool, overrides: Sequence[str] = (),
+             json_path: str | None = None) -> int:
+    """`lora-runtime eval`: prints the table (and writes `json_path`); returns 0."""
     run_cfg = load_config(config, list(overrides))
     if adapter is not None and not os.path.isdir(adapter):
         raise UsageError(f"eval --adapter {adapter!r}: no such folder; point it at a run's adapter/ folder")
     with prefixed_errors(config):
         row = evaluate_config(run_cfg, episodes, adapter, merged)
     print_eval([row], f"eval: {row['task']}, greedy")
+    if json_path is not None:
+        write_json_atomic(os.path.abspath(json_path), row)
     return 0
 
 

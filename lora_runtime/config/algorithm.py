@@ -41,6 +41,15 @@ class GRPOConfig(OptimSection):
     name: Literal["grpo"] = "grpo"
     batch_size: StrictInt = Field(16, ge=1)  # seeds (prompts, scenes) per step, over all ranks
     group_size: StrictInt = Field(8, ge=2)
+    # How per-token losses of sequences of different lengths (text) are averaged:
+    # "sequence_mean": each sequence's mean over its tokens, then over sequences (GRPO as
+    #   published, Shao et al. 2024, arXiv:2402.03300, eq. 3);
+    # "token_mean": over all the batch's tokens at once (DAPO, Yu et al. 2025,
+    #   arXiv:2503.14476, eq. 12: long answers weigh more);
+    # "dr_grpo": each sequence's sum over a constant, the longest length (Dr. GRPO, Liu
+    #   et al. 2025, arXiv:2503.20783, sec. 3.1: no length bias).
+    # Every row of a one-step task has the same tokens, where the three agree.
+    loss_type: Literal["sequence_mean", "token_mean", "dr_grpo"] = "sequence_mean"
 
 
 class PPOConfig(OptimSection):

@@ -92,6 +92,74 @@ class GymSection(EpisodicSection):
         return entry
 
 
+class RewardSpec(Strict):
+    """One reward function of `task.reward`: `function` is "package.module:function" or
+    "path/to/file.py:function" (TRL's signature), `weight` its weight in the sum."""
+
+    function: str
+    weight: float = 1.0
+
+    @field_validator("function")
+    @classmethod
+    def _function_form(cls, function: str) -> str:
+        module, sep, name = function.rpartition(":")
+        if not sep or not module.strip() or re.fullmatch(r"[A-Za-z_]\w*", name) is None:
+            raise ValueError("expected 'package.module:function' or 'path/to/file.py:function'")
+        return function
+
+
+DEFAULT_REWARDS = ({"function": "lora_runtime.rl.tasks.rewards:exact_answer", "weight": 1.0},)
+
+
+class TextSection(TaskSection):
+    """`kind: text`: a language model answers prompts, scored by reward functions
+    (`lora_runtime.rl.tasks.text`).
+
+    `dataset` is a JSONL file (one object a line: a `prompt` string and any other columns,
+    passed to the reward functions by name); null: the built-in generated additions
+    (`a+b=`, answer column `answer`; `num_prompts` of them, numbers below `max_operand`).
+    `eval_dataset` holds the held-out prompts; without it the last `eval_fraction` of the
+    dataset's lines are held out (never trained on). `reward`: functions with TRL's
+    signature `fn(prompts, completions, **columns) -> list[float]`, summed with weights.
+    Sampling: `max_new_tokens` tokens at most (stop at EOS), `top_p` nucleus sampling, the
+    temperature of `algorithm.temperature`.
+    """
+
+    kind: Literal["text"] = "text"
+    dataset: str | None = None
+    eval_dataset: str | None = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    reward: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(**r) for r in DEFAULT_REWARDS], min_length=1)
+    max_new_tokens: StrictInt = Field(8, ge=1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    eval_prompts: StrictInt | None = Field(None, ge=1)  # held-out prompts `evaluate` reads (None: all)
+    # The built-in generated additions (dataset: null; the built-in base's warm start trains
+    # on them for actor.builtin.pretrain_steps).
+    num_prompts: StrictInt = Field(2000, ge=2)
+    max_operand: StrictInt = Field(50, ge=2)
+    RL_ONLY: ClassVar[tuple[str, ...]] = ("dataset", "eval_dataset", "reward", "max_new_tokens", "top_p",
+                                          "eval_prompts")
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [value]
+        return [{"function": v} if isinstance(v, str) else v for v in items]
+
+    @field_validator("dataset", "eval_dataset")
+    @classmethod
+    def _path_not_blank(cls, path: str | None) -> str | None:
+        if path is not None and not path.strip():
+            raise ValueError("an empty path is not allowed; use null for none")
+        return path
+
+    @model_validator(mode="after")
+    def _held_out(self) -> TextSection:
+        if self.dataset is not None and self.eval_dataset is None and self.eval_fraction == 0.0:
+            raise ValueError("no held-out prompts: set task.eval_dataset or task.eval_fraction > 0")
+        return self
+
+
 _SECTIONS: dict[str, type[TaskSection]] = {}
 
 
@@ -125,5 +193,5 @@ def section_class(kind: Any) -> type[TaskSection]:
     return _SECTIONS[kind]
 
 
-for _builtin in (ReachSection, BabyAISection, GymSection):
+for _builtin in (ReachSection, BabyAISection, GymSection, TextSection):
     register_task_section(_builtin)

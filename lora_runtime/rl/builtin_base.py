@@ -24,7 +24,6 @@ from lora_runtime.config import ConfigError, RunConfig
 from lora_runtime.rl.models import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    build_tiny_vla,
     load_model_folder,
     save_model_folder,
 )
@@ -43,7 +42,7 @@ def builtin_base_dir(run_cfg: RunConfig) -> str:
     root = run_cfg.runner.base_dir or default
     recipe = {"format": BASE_FORMAT, "builtin": run_cfg.actor.builtin.model_dump(), "task": run_cfg.task.base_recipe()}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join(os.path.abspath(root), f"tiny-vla-{digest}")
+    return os.path.join(os.path.abspath(root), f"{task_class(run_cfg.task.kind).builtin_prefix}-{digest}")
 
 
 def base_path(run_cfg: RunConfig) -> str:
@@ -71,7 +70,7 @@ def ensure_builtin_base(run_cfg: RunConfig, log: Callable[[str], None] = print) 
         return folder
     check_output_dir(folder, overwrite=True, key=_base_key(run_cfg))  # before the warm start, not after
     b = run_cfg.actor.builtin
-    model = build_tiny_vla(b)
+    model = task_class(run_cfg.task.kind).builtin_model(run_cfg)
     log(f"building the built-in base actor (seed {b.seed}, {b.pretrain_steps} warm-start steps) -> {folder}")
     report = build_task(run_cfg, model).warm_start(model, run_cfg, log)
     try:
@@ -103,7 +102,7 @@ def load_base(run_cfg: RunConfig, create: bool = True, log: Callable[[str], None
     folder = builtin_base_dir(run_cfg)
     if not _base_complete(folder):
         if not create:
-            return build_tiny_vla(run_cfg.actor.builtin).to(torch_dtype(dtype) or torch.float32)
+            return task_class(run_cfg.task.kind).builtin_model(run_cfg).to(torch_dtype(dtype) or torch.float32)
         ensure_builtin_base(run_cfg, log)
     return load_model_folder(folder, key=f"built-in base {folder}", dtype=dtype)
 

@@ -41,6 +41,7 @@ class Batch:
     advantages: torch.Tensor  # [n]
     old_values: torch.Tensor | None = None  # [n] (PPO)
     returns: torch.Tensor | None = None  # [n] value targets (PPO)
+    mask: torch.Tensor | None = None  # [n, A] float, the action tokens that count (text); None: all
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -48,8 +49,9 @@ class Batch:
 
 def _rows(exp: Experience, index: torch.Tensor, advantages: torch.Tensor, device: torch.device) -> Batch:
     at = index.to(exp.actions.device)
+    mask = None if exp.mask is None else exp.mask[at].to(device)
     return Batch(exp.inputs.select(at).to(device), exp.positions[at].to(device), exp.actions[at].to(device),
-                 exp.old_logp[at].to(device), advantages.to(device))
+                 exp.old_logp[at].to(device), advantages.to(device), mask=mask)
 
 
 class GRPOLearner:
@@ -78,7 +80,11 @@ class GRPOLearner:
         """The loss of rows `part` from their `[n, A, K]` log-probabilities (and the reference's)."""
         logp = dist.gather(-1, b.actions[part][..., None])[..., 0]  # [n, A]
         kl = _kl(dist, ref)  # [n, A] (after logp: the order autograd sums the gradients in)
-        return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef)
+        if b.mask is None:
+            return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef)
+        tokens_per_row = b.mask.sum() / len(b)  # token_mean: over the whole batch's tokens (exact with minibatches: 1)
+        return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef,
+                         mask=b.mask[part], loss_type=self.algo.loss_type, tokens_per_row=tokens_per_row)
 
 
 class PPOLearner:

@@ -75,7 +75,8 @@ def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner
         chunk = CHUNK
     sums = dict.fromkeys(learner.stat_keys, 0.0)
     grad_norm = torch.zeros(())
-    for _ in range(algo.update_epochs if total else 0):
+    gap = 0.0  # largest |log-prob at rollout - at the update's first forward| of a taken token
+    for epoch in range(algo.update_epochs if total else 0):
         sums = dict.fromkeys(learner.stat_keys, 0.0)  # the metrics are the last epoch's means over all rows
         for batch in minibatch_indices(total, algo.minibatches, generator):  # one optimizer step each
             optimizer.zero_grad(set_to_none=True)
@@ -83,6 +84,8 @@ def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner
                 rows = _padded(part, chunk) if fixed_rows else part
                 dist, values = policy(b.inputs.select(rows), b.positions[rows])  # [n', A, K], [n'] or None
                 dist, values = dist[: len(part)], None if values is None else values[: len(part)]
+                if epoch == 0:
+                    gap = max(gap, _logp_gap(dist.detach(), b, part))
                 loss, stats = learner.loss(dist, values, b, part, None if ref is None else ref[part])
                 (loss * (len(part) / len(batch))).backward()
                 entropy = -(dist.detach().exp() * dist.detach()).sum(-1).mean()
@@ -90,7 +93,15 @@ def update(policy: ActorPolicy, params: list[nn.Parameter], learner: GRPOLearner
                     sums[key] += value * len(part) / total
             grad_norm = torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
             optimizer.step()
-    return {**sums, "grad_norm": grad_norm.item(), "trained_rows": total}
+    return {**sums, "grad_norm": grad_norm.item(), "trained_rows": total, "rollout_logp_gap": gap}
+
+
+def _logp_gap(dist: torch.Tensor, b: Batch, part: torch.Tensor) -> float:
+    """`max |old_logp - logp|` over the taken action tokens of `part` that count (b.mask)."""
+    diff = (dist.gather(-1, b.actions[part][..., None])[..., 0] - b.old_logp[part]).abs()  # [n, A]
+    if b.mask is not None:
+        diff = diff * b.mask[part]
+    return diff.max().item() if diff.numel() else 0.0
 
 
 def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner | PPOLearner, task, reference: Reference,

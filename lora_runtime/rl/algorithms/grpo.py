@@ -38,6 +38,28 @@ def kl_divergence(logp_dist: torch.Tensor, ref_dist: torch.Tensor) -> torch.Tens
     return (logp_dist.exp() * (logp_dist - ref_dist)).sum(dim=-1)
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_type: str,
+                tokens_per_row: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The mean of per-token terms `x [N, A]` over the tokens of `mask [N, A]`.
+
+    - "sequence_mean": `1/N sum_i 1/|o_i| sum_t x_it` (GRPO, Shao et al. 2024,
+      arXiv:2402.03300, eq. 3);
+    - "token_mean": `sum_it x_it / sum_i |o_i|` (DAPO, Yu et al. 2025, arXiv:2503.14476,
+      eq. 12), the divisor `N * tokens_per_row` when given;
+    - "dr_grpo": `1/N sum_i 1/A sum_t x_it`, a constant length (Dr. GRPO, Liu et al. 2025,
+      arXiv:2503.20783, sec. 3.1).
+    """
+    summed = (x * mask).sum(-1)  # [N]
+    if loss_type == "sequence_mean":
+        return (summed / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type == "token_mean":
+        per_row = mask.sum() / len(mask) if tokens_per_row is None else tokens_per_row
+        return summed.sum() / torch.as_tensor(len(mask) * per_row, dtype=summed.dtype).clamp(min=1)
+    if loss_type == "dr_grpo":
+        return (summed / mask.shape[-1]).mean()
+    raise ValueError(f"loss_type={loss_type!r}: expected sequence_mean, token_mean or dr_grpo")
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -45,8 +67,14 @@ def grpo_loss(
     kl: torch.Tensor,
     clip_eps: float,
     kl_coef: float,
+    mask: torch.Tensor | None = None,
+    loss_type: str = "sequence_mean",
+    tokens_per_row: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus a KL penalty, averaged over samples and action tokens.
+
+    With a `mask` (sequences of different lengths) the per-token terms are averaged as
+    `loss_type` says (`masked_mean`); without one, over all `N * A` entries.
 
     Args:
         logp: `[N, A]` current log-probs of the taken actions (with grad).
@@ -55,6 +83,10 @@ def grpo_loss(
         kl: `[N, A]` KL to the reference policy (with grad).
         clip_eps: ratio clip range `[1 - eps, 1 + eps]`.
         kl_coef: weight of the KL term.
+        mask: `[N, A]` 1 for the tokens that count, or None.
+        loss_type: "sequence_mean", "token_mean" or "dr_grpo" (see `masked_mean`).
+        tokens_per_row: token_mean's divisor per row (the batch's tokens / rows); None:
+            this batch's own.
 
     Returns:
         `(loss, {"pg_loss", "kl", "clip_frac"})`.
@@ -62,8 +94,13 @@ def grpo_loss(
     ratio = torch.exp(logp - old_logp)  # [N, A]
     adv = advantages[:, None]  # [N, 1]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
-    pg_loss = -surrogate.mean()
-    kl_mean = kl.mean()
+    if mask is None:
+        pg_loss = -surrogate.mean()
+        kl_mean = kl.mean()
+        clip_frac = ((ratio - 1.0).abs() > clip_eps).float().mean()
+    else:
+        pg_loss = -masked_mean(surrogate, mask, loss_type, tokens_per_row)
+        kl_mean = masked_mean(kl.expand_as(mask), mask, loss_type, tokens_per_row)
+        clip_frac = (((ratio - 1.0).abs() > clip_eps).float() * mask).sum() / mask.sum().clamp(min=1)
     loss = pg_loss + kl_coef * kl_mean
-    clip_frac = ((ratio - 1.0).abs() > clip_eps).float().mean()
     return loss, {"pg_loss": pg_loss.item(), "kl": kl_mean.item(), "clip_frac": clip_frac.item()}

@@ -2,6 +2,7 @@
 them from outside.
 
 - `vla.py`: the built-in vision-language-action model (`TinyVLA`);
+- `tiny_lm.py`: the built-in language model (a tiny transformers Llama, character tokenizer);
 - `vla_family.py`, `causal_lm.py`: one family object each, the only code that knows a model
   class: how it reads `ModelInputs`, its vocabulary, its folders, how it exports;
 - `registry.py`: `family_of(model)`, `load_model_folder`, `save_model_folder`.

@@ -20,6 +20,7 @@ class ModelFamily:
 
     name = "model"
     export_method: Literal["script", "trace"] = "trace"
+    generates_text = False  # a language model with a tokenizer and cached decoding (`decode`, `tokenizer`)
 
     def matches(self, model: nn.Module) -> bool:
         """True when `model` (unwrapped) belongs to this family."""
@@ -45,6 +46,10 @@ class ModelFamily:
 
     def max_prompt_len(self, model: nn.Module) -> int | None:
         """The longest prompt the model reads (prompts padded to it keep shapes fixed), or None."""
+        return None
+
+    def max_context(self, model: nn.Module) -> int | None:
+        """The most tokens (prompt + completion) the model reads, or None when unknown."""
         return None
 
     def hidden_size(self, model: nn.Module) -> int:

@@ -24,6 +24,8 @@ class ModelInputs:
     prompt_ids: torch.Tensor  # [N, T] right-padded with PAD
     lengths: torch.Tensor  # [N] prompt lengths
     repeats: int = 1
+    # [N, T] 1 for tokens, 0 for left padding (prompts of different lengths), or None: all tokens
+    attention_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -39,7 +41,8 @@ class ModelInputs:
         image = rows // self.repeats  # [n]
         return ModelInputs(_map(self.pixels, lambda t: t[image.to(t.device)]),
                            _map(self.symbol_ids, lambda t: t[image.to(t.device)]),
-                           self.prompt_ids[rows.to(self.prompt_ids.device)], self.lengths[rows.to(self.lengths.device)])
+                           self.prompt_ids[rows.to(self.prompt_ids.device)], self.lengths[rows.to(self.lengths.device)],
+                           attention_mask=_map(self.attention_mask, lambda t: t[rows.to(t.device)]))
 
     @staticmethod
     def cat(batches: Sequence[ModelInputs]) -> ModelInputs:
@@ -51,10 +54,18 @@ class ModelInputs:
             parts = [getattr(b, name) for b in batches]
             return None if parts[0] is None else torch.cat(parts)
 
-        return ModelInputs(join("pixels"), join("symbol_ids"), torch.cat(prompts), join("lengths"))
+        masks = None
+        if any(b.attention_mask is not None for b in batches):
+            masks = torch.cat([torch.nn.functional.pad(_mask(b), (0, width - b.prompt_ids.shape[1]), value=0)
+                               for b in batches])
+        return ModelInputs(join("pixels"), join("symbol_ids"), torch.cat(prompts), join("lengths"), attention_mask=masks)
 
 
-_TENSORS = ("pixels", "symbol_ids", "prompt_ids", "lengths")
+def _mask(b: ModelInputs) -> torch.Tensor:
+    return b.attention_mask if b.attention_mask is not None else torch.ones_like(b.prompt_ids)
+
+
+_TENSORS = ("pixels", "symbol_ids", "prompt_ids", "lengths", "attention_mask")
 
 
 def _map(t: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:

@@ -4,6 +4,8 @@
 - `reach.py` (+ `reach_warm_start.py`): the synthetic one-step reach task;
 - `episodic.py` (+ `episodes.py`): gymnasium environments stepped together, read through an
   observation adapter; `babyai.py` and `gym_entry.py` build them from their sections;
+- `text.py` (+ `generation.py`, `rewards.py`, `text_warm_start.py`): a language model answers
+  prompts, scored by TRL-signature reward functions;
 - `registry.py`: `register_task`, `task_class`, `build_task`.
 """
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lora_runtime.config import ConfigError, RunConfig, TaskSection
-from lora_runtime.rl.models import ModelFamily, ModelInputs
+from lora_runtime.rl.models import ModelFamily, ModelInputs, build_tiny_vla
 from lora_runtime.rl.policy import ActorPolicy
 
 
@@ -45,6 +45,7 @@ class Experience:
     rewards: torch.Tensor | None = None  # [T, M] (PPO)
     terminated: torch.Tensor | None = None  # [T, M] bool (PPO)
     ended: torch.Tensor | None = None  # [T, M] bool, terminated or truncated (PPO)
+    mask: torch.Tensor | None = None  # [N, A] float, 1 for the action tokens that count (text: up to EOS); None: all
 
 
 class Task:
@@ -65,6 +66,7 @@ class Task:
     """
 
     section: ClassVar[type[TaskSection]]
+    builtin_prefix: ClassVar[str] = "tiny-vla"  # the cached built-in base's folder name starts with it
     splits_over_ranks: ClassVar[bool] = True
     held_out_eval: ClassVar[bool] = False
     steps_environments: ClassVar[bool] = False
@@ -89,6 +91,12 @@ class Task:
                 f"{run_cfg.task.kind}: ranks play rollouts of different lengths, so their collectives would not "
                 "line up; use runner.distributed: none"
             )
+
+    @classmethod
+    def builtin_model(cls, run_cfg: RunConfig) -> nn.Module:
+        """The built-in actor before its warm start (`actor.model.model_path: null`): the
+        TinyVLA sized by `actor.builtin`; a task whose actor is another model overrides it."""
+        return build_tiny_vla(run_cfg.actor.builtin)
 
     @classmethod
     def build(cls, run_cfg: RunConfig, model: nn.Module, family: ModelFamily) -> Task:

@@ -15,6 +15,7 @@ from lora_runtime.rl.tasks.babyai import BabyAITask
 from lora_runtime.rl.tasks.base import Task
 from lora_runtime.rl.tasks.gym_entry import GymTask
 from lora_runtime.rl.tasks.reach import ReachTask
+from lora_runtime.rl.tasks.text import TextTask
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -55,6 +56,6 @@ def build_task(run_cfg: RunConfig, model: nn.Module) -> Task:
     return task_class(run_cfg.task.kind).build(run_cfg, model, family_of(model))
 
 
-for _task in (ReachTask, BabyAITask, GymTask):
+for _task in (ReachTask, BabyAITask, GymTask, TextTask):
     register_task(_task)
 assert set(_TASKS) == set(task_kinds()), "every built-in task section has its task"
