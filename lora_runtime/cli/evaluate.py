@@ -26,6 +26,8 @@ from lora_runtime.errors import AdapterError, UsageError
 from lora_runtime.rl.builtin_base import load_base
 from lora_runtime.rl.tasks import build_task, task_class
 
+DEMO_TARGET = 0.85  # greedy held-out success of lora_new the demo aims at
+
 
 def evaluate_config(run_cfg: RunConfig, episodes: int | None, adapter: str | None, merged: bool) -> dict[str, Any]:
     """Builds the model `eval` describes and returns its held-out results.
@@ -87,14 +89,17 @@ def run_eval(config: str, episodes: int | None, adapter: str | None, merged: boo
 
 
 def evaluate_demo(runs: Sequence[Any]) -> None:
-    """The demo's last table: the warm start and the three runs, greedy on the same held-out
-    seeds, and whether the new run met the issue's target (+0.15 success over the warm start,
-    or >= 0.95 from a warm start above 0.80)."""
+    """The demo's last table: the random policy, the warm start and the three runs, greedy on
+    the same held-out seeds, also written to `eval.json` beside the runs; then whether
+    `lora_new` reached the demo's target (greedy success >= 0.85)."""
     by_name = {r.name: r for r in runs}
     new_cfg = load_config(by_name["lora_new"].config, by_name["lora_new"].overrides)
     if not task_class(new_cfg.task.kind).held_out_eval:
         return
-    rows = [{**evaluate_config(new_cfg, None, None, False), "model": "warm start (base)"}]
+    with num_threads(new_cfg.runner.num_threads):
+        base_task = build_task(new_cfg, load_base(new_cfg, log=_log))
+        rows = [{**base_task.evaluate_random(None), "model": "random policy", "task": base_task.title}]
+    rows.append({**evaluate_config(new_cfg, None, None, False), "model": "warm start (base)"})
     for name in ("lora_new", "lora_resume"):
         if name in by_name:
             cfg = load_config(by_name[name].config, by_name[name].overrides)
@@ -106,9 +111,10 @@ def evaluate_demo(runs: Sequence[Any]) -> None:
         rows.append({**evaluate_config(cfg, None, None, False), "model": "full (model/)"})
     print()
     print_eval(rows, f"demo: greedy evaluation on held-out seeds, {rows[0]['task']}")
-    warm, new = rows[0]["success_rate"], rows[1]["success_rate"]
-    target = 0.95 if warm > 0.80 else warm + 0.15
-    verdict = "met" if new >= target - 1e-9 else "NOT met"
-    gain_se = math.hypot(std_error(warm, rows[0]["episodes"]), std_error(new, rows[1]["episodes"]))
-    print(f"target for lora_new: success >= {target:.3f} (warm start {warm:.3f}); got {new:.3f} "
-          f"(gain {new - warm:+.3f} ± {gain_se:.3f}): {verdict}")
+    path = os.path.join(os.path.dirname(os.path.abspath(by_name["lora_new"].output_dir)), "eval.json")
+    write_json_atomic(path, {"task": rows[0]["task"], "rows": rows})
+    warm, new = rows[1]["success_rate"], rows[2]["success_rate"]
+    verdict = "met" if new >= DEMO_TARGET - 1e-9 else "NOT met"
+    gain_se = math.hypot(std_error(warm, rows[1]["episodes"]), std_error(new, rows[2]["episodes"]))
+    print(f"target for lora_new: success >= {DEMO_TARGET:.2f}; got {new:.3f} (warm start {warm:.3f}, "
+          f"gain {new - warm:+.3f} ± {gain_se:.3f}): {verdict}. The table is also in {path}")

@@ -213,3 +213,23 @@ def test_text_only_language_model_reads_the_view_as_words(tiny):
     with pytest.raises(ConfigError, match=r"needs a vocabulary of at least 255 token ids .* vocab_size=128"):
         make_task(cfg, LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                     num_attention_heads=2, num_key_value_heads=2, vocab_size=128)))
+
+
+def test_a_minigrid_level_without_instructions_trains_from_the_seeded_init(tmp_path):
+    """`MiniGrid-Empty-5x5-v0` has no BabyAI instructions, so no scripted expert: the built-in
+    base is its seeded init (said in the log), and the run trains."""
+    from support.tiny_runs import quiet
+
+    from lora_runtime.rl.tasks.babyai import MiniGridAdapter, has_instructions
+    from lora_runtime.rl.trainer import train
+
+    assert has_instructions("BabyAI-GoToRedBall-v0") and not has_instructions("MiniGrid-Empty-5x5-v0")
+    lines = []
+    raw = tiny_episodic_raw(tmp_path / "run", tmp_path / "base", steps=1, task={"env_id": "MiniGrid-Empty-5x5-v0"})
+    result = train(validate_config(raw), log=lines.append)
+    assert any("no expert(env): the base is the seeded init" in line for line in lines)
+    assert result.summary["steps_run"] == 1
+    cfg = validate_config(raw)
+    from lora_runtime.rl.builtin_base import load_base
+
+    assert isinstance(make_task(cfg, load_base(cfg, log=quiet)).adapter, MiniGridAdapter)

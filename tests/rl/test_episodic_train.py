@@ -129,3 +129,27 @@ def test_eval_command_adapter_merged_and_base(runs, tmp_path, capsys):
     assert main(["eval", str(cfg), "--merged"]) == 2
     assert "eval --merged needs an adapter" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "unused")
+
+
+def test_the_demo_table_has_the_random_policy_and_goes_to_eval_json(runs, tmp_path, capsys):
+    import json
+    from types import SimpleNamespace
+
+    import yaml
+
+    from lora_runtime.cli.evaluate import evaluate_demo
+
+    root, new, resume, full = runs
+    demo_runs = []
+    for name, result, raw in (("lora_new", new, tiny_episodic_raw(root / "lora_new", root / "base")),
+                              ("full", full, tiny_episodic_raw(root / "full", root / "base", mode="full"))):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        demo_runs.append(SimpleNamespace(name=name, config=str(path), overrides=[], output_dir=result.output_dir))
+    evaluate_demo(demo_runs)
+    out = capsys.readouterr().out
+    saved = json.loads((root / "eval.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["random policy", "warm start (base)", "lora_new (adapter)",
+                                                    "full (model/)"]
+    assert all(r["episodes"] == 4 and r["first_seed"] == HELD_OUT_SEED for r in saved["rows"])
+    assert "random policy" in out and "target for lora_new: success >= 0.85" in out and str(root / "eval.json") in out

@@ -71,3 +71,24 @@ def test_distributed_multi_step_runs_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"runner.distributed='ddp' is not supported with task.kind: babyai"):
         check_task(validate_config(raw))
+
+
+def test_the_console_script_finds_an_entry_module_in_the_working_directory(tmp_path):
+    """`lora-runtime train` (a console script, not `python -m`) imports `task.entry` from the
+    folder it runs in, as the error message tells the user to do."""
+    import shutil
+    import subprocess
+    import sys
+
+    from support import gym_corridor
+
+    shutil.copy(gym_corridor.__file__, tmp_path / "my_corridor.py")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_episodic_raw(tmp_path / "run", tmp_path / "base", steps=1,
+                                                       task={**GYM, "entry": "my_corridor:make_env"})))
+    script = os.path.join(os.path.dirname(sys.executable), "lora-runtime")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([script, "train", str(config)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

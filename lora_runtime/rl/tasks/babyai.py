@@ -21,7 +21,9 @@ each.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -223,6 +225,24 @@ def make_babyai_env(env_id: str, max_episode_steps: int | None = None) -> Any:
     return gym.make(env_id, **kwargs)
 
 
+class MiniGridAdapter(BabyAIAdapter):
+    """A MiniGrid level without BabyAI instructions (e.g. `MiniGrid-Empty-5x5-v0`): the same
+    view and mission words, but no scripted expert (minigrid's `BabyAIBot` plans from the
+    BabyAI instructions), so the built-in base starts from its seeded init."""
+
+    expert = None
+
+
+def has_instructions(env_id: str) -> bool:
+    """True when the level carries BabyAI instructions (`env.unwrapped.instrs` after a reset)."""
+    env = make_babyai_env(env_id)
+    with contextlib.redirect_stdout(io.StringIO()):  # level generation prints rejections
+        env.reset(seed=0)
+    found = hasattr(env.unwrapped, "instrs")
+    env.close()
+    return found
+
+
 class BabyAITask(EpisodicTask):
     """`task.kind: babyai`: `task.num_envs` environments of the level `task.env_id`."""
 
@@ -241,5 +261,6 @@ class BabyAITask(EpisodicTask):
                 f"task.kind: babyai renders the {VIEW}x{VIEW} partial view, so actor.builtin.image_size must be a "
                 f"multiple of {VIEW} (got {image_size}; e.g. 28 with patch_size 4: one patch per cell)"
             )
-        adapter = BabyAIAdapter(t.env_id, (image_size or VIEW) // VIEW)
+        kind = BabyAIAdapter if has_instructions(t.env_id) else MiniGridAdapter
+        adapter = kind(t.env_id, (image_size or VIEW) // VIEW)
         return t.env_id, lambda: make_babyai_env(t.env_id, t.max_episode_steps), adapter

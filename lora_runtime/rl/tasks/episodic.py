@@ -245,6 +245,11 @@ class EpisodicTask(Task):
             result = run_episodes(self, seeds, ModelPolicy(policy, None, True, self.fixed_shapes), record=False)
         return {**result.stats(), "episodes": n, "first_seed": seeds[0]}
 
+    def evaluate_random(self, episodes: int | None) -> dict[str, Any]:
+        """The uniformly random policy on the same held-out seeds as `evaluate`."""
+        n = episodes or self.cfg.eval_episodes
+        return {**random_baseline(self, n), "episodes": n, "first_seed": held_out_seeds(1)[0]}
+
     def warm_start(self, model: nn.Module, run_cfg: RunConfig, log: Callable[[str], None]) -> dict[str, Any]:
         """Behaviour cloning from the adapter's expert (BabyAI: minigrid's `BabyAIBot`).
 
@@ -253,7 +258,7 @@ class EpisodicTask(Task):
         `actor.builtin.pretrain_steps` AdamW steps (`supervised.fit`). Then the warm start's
         greedy held-out success and the random policy's are measured and kept in the report.
         """
-        if not hasattr(self.adapter, "expert"):
+        if not callable(getattr(self.adapter, "expert", None)):
             log("the task's adapter has no expert(env): the base is the seeded init, without a warm start")
             return {"steps": 0, "note": "no expert: no warm start"}
         b, t = run_cfg.actor.builtin, run_cfg.task

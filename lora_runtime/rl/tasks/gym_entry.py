@@ -11,6 +11,8 @@ The module is imported as `import package.module` (it must be importable: instal
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,10 @@ def load_entry(entry: str) -> Callable[[], tuple[Any, Any]]:
         ConfigError: the module cannot be imported or has no such callable (names `task.entry`).
     """
     module_name, _, attr = entry.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # `python -m` puts the working directory on the path, a console script (`lora-runtime
+        # train`) its own folder: the entry module in the working directory is found either way
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure of user code is a config problem
