@@ -46,9 +46,9 @@ test: install
 # Mutation testing of the core (see TESTING.md; tens of minutes, not part of `make test`).
 # MUTMUT_ARGS picks mutants, e.g. MUTMUT_ARGS='"lora_runtime.rl.grpo.*"'.
 # MUTATE_TESTS narrows the test files mutmut runs (the others are deselected), e.g.
-# MUTATE_TESTS="tests/test_targets.py tests/test_registry.py"; empty: pyproject's whole selection.
+# MUTATE_TESTS="tests/adapters/test_targets.py tests/test_actor.py"; empty: pyproject's whole selection.
 # MUTATE_KEEP=1 keeps mutants/ (earlier results and stats); by default each run starts afresh.
-MUTATE_DESELECT := $(if $(MUTATE_TESTS),$(foreach f,$(filter-out $(MUTATE_TESTS),$(wildcard tests/test_*.py)),--deselect $(f)))
+MUTATE_DESELECT := $(if $(MUTATE_TESTS),$(foreach f,$(filter-out $(MUTATE_TESTS),$(wildcard tests/test_*.py tests/*/test_*.py)),--deselect $(f)))
 mutate: install
 	$(PY) -m pip install --quiet mutmut
 	$(if $(MUTATE_KEEP),,rm -rf mutants)
@@ -61,7 +61,7 @@ bench: install
 	$(BIN)/lora-runtime bench
 
 lint: install
-	$(PY) -m ruff check lora_runtime tests bench
+	$(PY) -m ruff check lora_runtime tests bench tools
 
 clean:
 	rm -rf build *.egg-info lora_runtime/ops/_C*.so

@@ -21,7 +21,7 @@ fi
 start=$(date +%s)
 timeout 200 python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1; echo "build rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
 python3 -c "import lora_runtime as L; from lora_runtime.ops._extension import extension_error; print('extension loaded:', L.extension_loaded(), extension_error())" 2>&1 | tee -a "$OUT/machine.txt"
-timeout 120 python3 -m pytest tests/test_cuda.py tests/test_ops.py tests/test_grouping.py -q -p no:cacheprovider -rs 2>&1 | tail -40 > "$OUT/tests.log"; tail -5 "$OUT/tests.log"
+timeout 120 python3 -m pytest tests/test_cuda.py tests/ops/test_lora_linear.py tests/adapters/test_grouping.py -q -p no:cacheprovider -rs 2>&1 | tail -40 > "$OUT/tests.log"; tail -5 "$OUT/tests.log"
 for model in llama-medium-bf16 tiny-llama; do
   timeout $( [ "$model" = tiny-llama ] && echo 110 || echo 160 ) python3 -m lora_runtime bench --device cuda --preset quick --models "$model" --model-budget 3 \
     --train-variants base,base_compiled,lora_eager,lora_compiled,peft_eager,peft_compiled,full \

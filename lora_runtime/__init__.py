@@ -3,83 +3,64 @@
 Data flows one way: YAML -> `config` -> `actor.prepare_actor` -> `adapters` ->
 `LoRALinear` -> `ops.lora_linear` -> the C++ op in `csrc/`.
 
-The names below load on first use (PEP 562), so `import lora_runtime.config` stays free
-of torch and a command's `--help` does not load the extension.
+The public names are the imports of the `if TYPE_CHECKING:` block below, the one list:
+type checkers and IDEs read them there, and `_public_names` reads the same block to build
+`__all__` and load each name on first use (PEP 562), so `import lora_runtime.config`
+stays free of torch and a command's `--help` does not load the extension.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
-_EXPORTS = {
-    "DEFAULT_TARGETS": "lora_runtime.config",
-    "ActorModelConfig": "lora_runtime.config",
-    "ConfigError": "lora_runtime.config",
-    "RunConfig": "lora_runtime.config",
-    "load_config": "lora_runtime.config",
-    "extension_loaded": "lora_runtime.ops",
-    "lora_linear": "lora_runtime.ops",
-    "AdapterError": "lora_runtime.adapters",
-    "LoRALinear": "lora_runtime.adapters",
-    "MergeError": "lora_runtime.adapters",
-    "MergeStats": "lora_runtime.adapters",
-    "TrainableSummary": "lora_runtime.adapters",
-    "adapter_disabled": "lora_runtime.adapters",
-    "adapter_state_dict": "lora_runtime.adapters",
-    "apply_and_load_adapter": "lora_runtime.adapters",
-    "apply_lora": "lora_runtime.adapters",
-    "iter_lora_layers": "lora_runtime.adapters",
-    "iter_merged_weights": "lora_runtime.adapters",
-    "load_adapter": "lora_runtime.adapters",
-    "merge_lora": "lora_runtime.adapters",
-    "merged": "lora_runtime.adapters",
-    "merged_weight": "lora_runtime.adapters",
-    "read_adapter_config": "lora_runtime.adapters",
-    "remove_lora": "lora_runtime.adapters",
-    "save_adapter": "lora_runtime.adapters",
-    "trainable_summary": "lora_runtime.adapters",
-    "prepare_actor": "lora_runtime.actor",
-    "compile_actor": "lora_runtime.compile",
-    "replicate_actor": "lora_runtime.parallel",
-    "shard_actor": "lora_runtime.parallel",
-}
+if TYPE_CHECKING:  # the public names (`X as X`: an explicit re-export); never executed
+    from lora_runtime.actor import prepare_actor as prepare_actor
+    from lora_runtime.adapters import LoRALinear as LoRALinear
+    from lora_runtime.adapters import MergeStats as MergeStats
+    from lora_runtime.adapters import TrainableSummary as TrainableSummary
+    from lora_runtime.adapters import adapter_disabled as adapter_disabled
+    from lora_runtime.adapters import adapter_state_dict as adapter_state_dict
+    from lora_runtime.adapters import apply_and_load_adapter as apply_and_load_adapter
+    from lora_runtime.adapters import apply_lora as apply_lora
+    from lora_runtime.adapters import iter_lora_layers as iter_lora_layers
+    from lora_runtime.adapters import iter_merged_weights as iter_merged_weights
+    from lora_runtime.adapters import load_adapter as load_adapter
+    from lora_runtime.adapters import merge_lora as merge_lora
+    from lora_runtime.adapters import merged as merged
+    from lora_runtime.adapters import merged_weight as merged_weight
+    from lora_runtime.adapters import read_adapter_config as read_adapter_config
+    from lora_runtime.adapters import remove_lora as remove_lora
+    from lora_runtime.adapters import save_adapter as save_adapter
+    from lora_runtime.adapters import trainable_summary as trainable_summary
+    from lora_runtime.compile import compile_actor as compile_actor
+    from lora_runtime.config import DEFAULT_TARGETS as DEFAULT_TARGETS
+    from lora_runtime.config import ActorModelConfig as ActorModelConfig
+    from lora_runtime.config import RunConfig as RunConfig
+    from lora_runtime.config import load_config as load_config
+    from lora_runtime.errors import AdapterError as AdapterError
+    from lora_runtime.errors import ConfigError as ConfigError
+    from lora_runtime.errors import MergeError as MergeError
+    from lora_runtime.errors import UsageError as UsageError
+    from lora_runtime.ops import extension_loaded as extension_loaded
+    from lora_runtime.ops import lora_linear as lora_linear
+    from lora_runtime.parallel import replicate_actor as replicate_actor
+    from lora_runtime.parallel import shard_actor as shard_actor
 
-__all__ = [
-    "DEFAULT_TARGETS",
-    "ActorModelConfig",
-    "AdapterError",
-    "ConfigError",
-    "LoRALinear",
-    "MergeError",
-    "MergeStats",
-    "RunConfig",
-    "TrainableSummary",
-    "adapter_disabled",
-    "adapter_state_dict",
-    "apply_and_load_adapter",
-    "apply_lora",
-    "compile_actor",
-    "extension_loaded",
-    "iter_lora_layers",
-    "iter_merged_weights",
-    "load_adapter",
-    "load_config",
-    "lora_linear",
-    "merge_lora",
-    "merged",
-    "merged_weight",
-    "prepare_actor",
-    "read_adapter_config",
-    "remove_lora",
-    "replicate_actor",
-    "save_adapter",
-    "shard_actor",
-    "trainable_summary",
-]
+
+def _public_names() -> dict[str, str]:
+    """`{public name: the module that defines it}`, read from the block above."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    (block,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    return {alias.asname or alias.name: node.module for node in block.body for alias in node.names}
+
+
+_EXPORTS = _public_names()
+__all__ = [name for name in sorted(_EXPORTS)]
 
 
 def __getattr__(name: str) -> Any:
@@ -93,38 +74,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-if TYPE_CHECKING:  # for type checkers and IDEs; never executed
-    from lora_runtime.actor import prepare_actor
-    from lora_runtime.adapters import (
-        AdapterError,
-        LoRALinear,
-        MergeError,
-        MergeStats,
-        TrainableSummary,
-        adapter_disabled,
-        adapter_state_dict,
-        apply_and_load_adapter,
-        apply_lora,
-        iter_lora_layers,
-        iter_merged_weights,
-        load_adapter,
-        merge_lora,
-        merged,
-        merged_weight,
-        read_adapter_config,
-        remove_lora,
-        save_adapter,
-        trainable_summary,
-    )
-    from lora_runtime.compile import compile_actor
-    from lora_runtime.config import (
-        DEFAULT_TARGETS,
-        ActorModelConfig,
-        ConfigError,
-        RunConfig,
-        load_config,
-    )
-    from lora_runtime.ops import extension_loaded, lora_linear
-    from lora_runtime.parallel import replicate_actor, shard_actor

@@ -1,4 +1,5 @@
-"""The one way this project writes to disk: atomically, synced, never half-written.
+"""The one way this project writes to disk (atomically, synced, never half-written), and
+reads the JSON files it wrote.
 
 A file is written under a temporary name in its own folder, fsynced, and renamed over its
 final name. A folder is written beside its final name, every file and the folder fsynced,
@@ -19,7 +20,10 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["atomic_dir", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = [
+    "atomic_dir", "atomic_file", "read_json_object", "write_bytes_atomic", "write_json_atomic",
+    "write_text_atomic",
+]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -49,21 +53,34 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a synced temporary file in the same folder."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yields a temporary file's path in `path`'s folder for any writer to fill (it exists,
+    empty); on success the file is fsynced and renamed over `path`, on an exception removed.
+
+    Args:
+        path: the final file.
+        suffix: the end of the temporary name, for writers that check it (e.g. ".pt2").
+    """
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync_path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a synced temporary file in the same folder."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -74,6 +91,25 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_json_atomic(path: str, obj: Any) -> None:
     """`obj` as indented, key-sorted JSON with a final newline, written atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object stored in `path`.
+
+    Raises:
+        OSError: the file cannot be opened (FileNotFoundError when there is none).
+        ValueError: the file is not UTF-8 JSON, or holds another JSON value than an object;
+            the message starts with the file's path and says which.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{os.fspath(path)}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):  # a bad file, not a bad argument: ValueError, as for bad JSON
+        kind = type(value).__name__
+        raise ValueError(f"{os.fspath(path)}: expected a JSON object, got {kind}")  # noqa: TRY004
+    return value
 
 
 @contextlib.contextmanager

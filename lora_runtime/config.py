@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from lora_runtime.errors import ConfigError
+
 # The modules RLinf adapts by default, matched on the last dotted component(s) of a name.
 DEFAULT_TARGETS: tuple[str, ...] = (
     "proj", "qkv", "fc1", "fc2", "q", "kv", "fc3", "q_proj", "k_proj", "v_proj", "o_proj",
@@ -30,10 +32,6 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 )
 
 Mode = Literal["new", "resume", "full"]
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not validate; the message names file and key."""
 
 
 class _Strict(BaseModel):

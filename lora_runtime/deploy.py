@@ -25,9 +25,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lora_runtime._fs import atomic_file
 from lora_runtime.adapters import iter_lora_layers, merge_lora, unwrap_model
 
-__all__ = ["deployable_copy", "export_aoti", "export_torchscript", "needs_op_library"]
+__all__ = [
+    "check_output_file", "deployable_copy", "export_aoti", "export_torchscript", "needs_op_library",
+]
 
 
 def deployable_copy(model: nn.Module, merged: bool = False) -> nn.Module:
@@ -42,13 +45,29 @@ def deployable_copy(model: nn.Module, merged: bool = False) -> nn.Module:
     return inner
 
 
-def _check_path(path: str | os.PathLike, suffix: str) -> str:
+def check_output_file(path: str | os.PathLike, suffix: str, overwrite: bool = True) -> str:
+    """The absolute path of an export file, checked before any work (the one place these
+    rules live: the exporters below and `lora-runtime export` call it).
+
+    Args:
+        path: the file to write.
+        suffix: the ending it must have (".pt", ".pt2").
+        overwrite: allow an existing file (replaced atomically); False refuses it.
+
+    Raises:
+        ValueError: the wrong suffix, an existing file (with `overwrite=False`), or a folder
+            that does not exist or is not writable; the message names the path.
+    """
     path = os.path.abspath(os.fspath(path))
     if not path.endswith(suffix):
-        raise ValueError(f"export: the output file {path!r} must end with {suffix!r}")
+        raise ValueError(f"the output file {path!r} must end with {suffix!r}")
+    if not overwrite and os.path.lexists(path):
+        raise ValueError(f"the output file {path!r} already exists")
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
-        raise ValueError(f"export: the folder of the output file {path!r} does not exist")
+        raise ValueError(f"the folder {parent} of the output file {path!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"the folder {parent} of the output file {path!r} is not writable")
     return path
 
 
@@ -77,16 +96,15 @@ def export_torchscript(
     """
     if method not in ("script", "trace"):
         raise ValueError(f"export_torchscript: method={method!r}; allowed: 'script', 'trace'")
-    path = _check_path(path, ".pt")
+    path = check_output_file(path, ".pt")
     inner = deployable_copy(model, merged)
     for p in inner.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
         module = torch.jit.script(inner) if method == "script" else torch.jit.trace(inner, tuple(example_inputs))
         module(*example_inputs)  # fails here, not in the deployment, on inputs it cannot take
-    staging = f"{path}.tmp-{os.getpid()}"
-    torch.jit.save(module, staging)
-    os.replace(staging, path)
+    with atomic_file(path) as staging:
+        torch.jit.save(module, staging)
     return path
 
 
@@ -112,7 +130,7 @@ def export_aoti(
     Raises:
         ValueError: a bad `path`.
     """
-    path = _check_path(path, ".pt2")
+    path = check_output_file(path, ".pt2")
     inner = deployable_copy(model, merged)
     for p in inner.parameters():
         p.requires_grad_(False)
@@ -123,9 +141,8 @@ def export_aoti(
         dynamic = tuple({0: batch} for _ in inputs)
     with torch.no_grad():
         program = torch.export.export(inner, inputs, dynamic_shapes=dynamic, strict=False)
-    staging = f"{path}.tmp-{os.getpid()}.pt2"
-    torch._inductor.aoti_compile_and_package(program, package_path=staging)
-    os.replace(staging, path)
+    with atomic_file(path, suffix=".pt2") as staging:
+        torch._inductor.aoti_compile_and_package(program, package_path=staging)
     return path
 
 

@@ -1,6 +1,6 @@
 """The walls between the package's layers, read from the source with `ast`.
 
-Layers import only downward: base (`config`, `_fs`, `_dist`) and `ops` <- `adapters` <-
+Layers import only downward: base (`config`, `errors`, `_fs`, `_dist`, `_threads`) and `ops` <- `adapters` <-
 (`actor`, `compile`, `parallel`) <- `rl` <- `cli`. `bench` may import anything but `cli`,
 and nothing imports it except the one door `lora-runtime bench` needs (`ALLOWED`). Every import counts, top level and inside functions; an import inside a
 function must say why it is deferred (`# deferred: ...`), so none can hide a cycle.
@@ -25,8 +25,10 @@ ALLOWED = {("lora_runtime.cli", "lora_runtime.bench.main")}
 # first matching prefix wins; a module's layer is the number
 LAYERS = (
     ("lora_runtime.config", 0),
+    ("lora_runtime.errors", 0),
     ("lora_runtime._fs", 0),
     ("lora_runtime._dist", 0),
+    ("lora_runtime._threads", 0),
     ("lora_runtime.ops", 0),
     ("lora_runtime.adapters", 1),
     ("lora_runtime.actor", 2),

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
-from conftest import make_tiny_llama, randomize_lora
+from support.models import make_tiny_llama, randomize_lora
+from support.numerics import rel_err_l2
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -90,10 +91,6 @@ def train_step(model: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimiz
 
 def adapter_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_compile_actor_forwards_every_keyword(monkeypatch):
@@ -174,11 +171,11 @@ def test_inductor_forward_and_backward_match_eager(kind):
         y = forward(model, x)
         y.square().mean().backward()
         outputs.append(y)
-    assert rel_err(outputs[1], outputs[0]) < 1e-5
+    assert rel_err_l2(outputs[1], outputs[0]) < 1e-5
     grads = dict(unwrap_model(compiled).named_parameters())
     for name, p in eager.named_parameters():
         if p.requires_grad:
-            assert rel_err(grads[name].grad, p.grad) < 1e-5, name
+            assert rel_err_l2(grads[name].grad, p.grad) < 1e-5, name
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -203,7 +200,7 @@ def test_training_loop_and_mode_switches_do_not_recompile(kind):
             with merged(model):
                 rollout = forward(model, x)  # rollouts at base-model speed
             assert torch.equal(reference, forward(base, x))  # compiled, disabled == eager base
-            assert rel_err(rollout, policy) < 1e-5  # merged == LoRA path
+            assert rel_err_l2(rollout, policy) < 1e-5  # merged == LoRA path
         train_step(model, x, optimizer)
         counts.append(counter.frame_count)
     assert counts == [4, 4, 4]  # one graph per mode (and no_grad), the first time only
@@ -220,7 +217,7 @@ def test_varying_sequence_lengths_compile_at_most_twice(kind):
         train_step(model, make_input(kind, length), optimizer)
     assert counter.frame_count <= 2
     x = make_input(kind, 11)  # a sixth length, served by the symbolic graph
-    assert rel_err(forward(model, x).detach(), forward(eager, x).detach()) < 1e-5
+    assert rel_err_l2(forward(model, x).detach(), forward(eager, x).detach()) < 1e-5
     assert counter.frame_count <= 2
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama, randomize_lora
+from support.models import make_tiny_llama, randomize_lora
+from support.numerics import TOL, rel_err
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_runtime
@@ -36,8 +37,7 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
-# max |err| / max |ref| against float64 on the CPU; TF32 is off in these tests
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
+# support.numerics.TOL against float64 on the CPU; TF32 is off in these tests
 
 
 @pytest.fixture(autouse=True)
@@ -46,10 +46,6 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.detach().double().cpu() - ref.detach().cpu()).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def draw(shapes, seed=0):

@@ -15,7 +15,6 @@ from torch import nn
 
 from lora_runtime import _dist
 from lora_runtime._fs import atomic_dir
-from lora_runtime.adapters.export import adapter_state_dict
 from lora_runtime.adapters.inject import apply_lora, remove_lora
 from lora_runtime.adapters.layer import INIT_METHODS, LoRALinear
 from lora_runtime.adapters.peft_format import (
@@ -27,6 +26,7 @@ from lora_runtime.adapters.peft_format import (
     read_adapter,
 )
 from lora_runtime.adapters.targets import find_targets, iter_lora_layers
+from lora_runtime.adapters.weight_sync import adapter_state_dict
 
 __all__ = ["apply_and_load_adapter", "load_adapter", "save_adapter"]
 

@@ -38,13 +38,9 @@ from lora_runtime.adapters.merge_store import (
 )
 from lora_runtime.adapters.targets import iter_lora_layers, restore_base_layers, unwrap_model
 from lora_runtime.adapters.tied import mark_untied, retie, tied_paths, untie
+from lora_runtime.errors import MergeError
 
 __all__ = ["MergeError", "MergeStats", "check_mergeable", "merge_lora", "merged", "merged_weight"]
-
-class MergeError(RuntimeError):
-    """The adapters' state forbids the call: already merged, disabled, written inside
-    `merged`, or an exact restore over the memory limit."""
-
 
 def merged_weight(layer: LoRALinear) -> torch.Tensor:
     """`W + scaling * B @ A` summed in float32 (float64 for float64 W), cast to W's dtype.

@@ -6,7 +6,6 @@ A folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -18,7 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from lora_runtime._fs import read_json_object
 from lora_runtime.adapters.targets import inside_any, iter_lora_layers, matches_target, unwrap_model
+from lora_runtime.errors import AdapterError
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -37,10 +38,6 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 # `<prefix?><path>.lora_A[.<adapter name>].weight`; PEFT drops the name "default" on save.
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """An adapter folder that cannot be saved or loaded; the message says what and where."""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -145,14 +142,11 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isdir(directory):
         raise AdapterError(f"adapter folder {directory} does not exist (expected {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME} in it)")
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
+        cfg = read_json_object(path)
     except FileNotFoundError:
         raise AdapterError(f"{path}: missing; {directory} is not a PEFT/lora-runtime adapter folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    except ValueError as exc:  # not JSON, or not an object: the message names the file
+        raise AdapterError(str(exc)) from None
     problems = []
     if cfg.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type={cfg.get('peft_type')!r} (only 'LORA' is supported)")

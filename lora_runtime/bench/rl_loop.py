@@ -19,11 +19,11 @@ import json
 import os
 import statistics
 import sys
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from lora_runtime._threads import num_threads
 from lora_runtime.actor import prepare_actor
 from lora_runtime.adapters import adapter_disabled, iter_lora_layers
 from lora_runtime.compile import compile_actor
@@ -76,20 +76,10 @@ def build(variant: str, base: nn.Module, cfg) -> tuple[nn.Module, nn.Module, _Re
     return model, forward, _Reference(model, False)
 
 
-@contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def measure(config: str, iterations: int, variants: list[str], threads: int = 1) -> dict:
     """Runs the interleaved loop; returns per-variant samples and medians."""
     cfg = load_config(config)
-    with _threads(threads):
+    with num_threads(threads):
         base = load_base(cfg)
         task = make_task(cfg, base)
         runs = {}

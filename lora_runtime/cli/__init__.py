@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED, EXIT_USAGE
+from lora_runtime.errors import AdapterError, ConfigError, MergeError, UsageError
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -116,11 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
-
-    # `--help` and argument errors load no torch:
-    from lora_runtime.adapters import AdapterError, MergeError  # deferred: start-up time
-    from lora_runtime.config import ConfigError  # deferred: start-up time
-    from lora_runtime.rl.outputs import UsageError  # deferred: start-up time
 
     try:
         if args.command == "train":

@@ -20,10 +20,11 @@ from lora_runtime.adapters import (
 )
 from lora_runtime.cli.console import ConsoleDisplay, print_table
 from lora_runtime.cli.exit_codes import EXIT_SIGNALLED
-from lora_runtime.config import ConfigError, RunConfig, load_config
+from lora_runtime.config import RunConfig, load_config
+from lora_runtime.errors import ConfigError, UsageError
 from lora_runtime.rl.actor_setup import base_path, build_actor, load_base
 from lora_runtime.rl.hf_loading import load_model_folder, read_model_folder, save_model_folder
-from lora_runtime.rl.outputs import UsageError, check_output_dir
+from lora_runtime.rl.outputs import check_output_dir
 from lora_runtime.rl.trainer import train
 
 

@@ -10,7 +10,6 @@ either stops the demo with that run's exit status; Ctrl-C reaches both (each sav
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,10 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lora_runtime._fs import read_json_object
 from lora_runtime.cli.console import print_table
 from lora_runtime.cli.exit_codes import EXIT_INTERRUPTED
 from lora_runtime.config import load_config
-from lora_runtime.rl.outputs import UsageError, read_metrics
+from lora_runtime.errors import UsageError
+from lora_runtime.rl.outputs import read_metrics
 
 RUNS = ("lora_new", "lora_resume", "full")
 ALONGSIDE = "full"  # the run that does not depend on the others: it runs next to them
@@ -125,8 +126,8 @@ def _build_base(run: DemoRun) -> None:
     cfg = load_config(run.config, run.overrides)
     if cfg.actor.model.model_path is not None:
         return
+    from lora_runtime._threads import num_threads  # deferred: loads torch
     from lora_runtime.rl.actor_setup import ensure_builtin_base  # deferred: loads torch
-    from lora_runtime.rl.run_control import num_threads  # deferred: loads torch
 
     with num_threads(cfg.trainer.num_threads):
         ensure_builtin_base(cfg)
@@ -165,8 +166,7 @@ def print_comparison(runs: Sequence[DemoRun], total_s: float) -> None:
     rows, notes = [], []
     summaries = {}
     for run in runs:
-        with open(os.path.join(run.output_dir, "summary.json"), encoding="utf-8") as f:
-            s = json.load(f)
+        s = read_json_object(os.path.join(run.output_dir, "summary.json"))
         summaries[run.name] = s
         steps = read_metrics(os.path.join(run.output_dir, "metrics.jsonl"))
         rows.append((

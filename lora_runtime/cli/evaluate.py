@@ -16,14 +16,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from lora_runtime.adapters import AdapterError, apply_and_load_adapter, merge_lora
+from lora_runtime._threads import num_threads
+from lora_runtime.adapters import apply_and_load_adapter, merge_lora
 from lora_runtime.cli.commands import _log, prefixed_errors
 from lora_runtime.cli.console import print_table
 from lora_runtime.config import RunConfig, load_config
+from lora_runtime.errors import AdapterError, UsageError
 from lora_runtime.rl.actor_setup import episode_logits, load_base, make_task
 from lora_runtime.rl.evaluation import evaluate
-from lora_runtime.rl.outputs import UsageError
-from lora_runtime.rl.run_control import num_threads
 from lora_runtime.rl.tasks.episodic import EpisodicTask
 
 

@@ -11,7 +11,6 @@ package; the other sizes are fixed to the task's.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 
@@ -20,10 +19,10 @@ from torch import nn
 
 from lora_runtime.cli.commands import check_not_in_run
 from lora_runtime.config import load_config
-from lora_runtime.deploy import export_aoti, export_torchscript, needs_op_library
+from lora_runtime.deploy import check_output_file, export_aoti, export_torchscript, needs_op_library
+from lora_runtime.errors import UsageError
 from lora_runtime.rl.actor_setup import build_actor, make_task
 from lora_runtime.rl.models.vla import TinyVLA
-from lora_runtime.rl.outputs import UsageError
 
 SUFFIX = {"torchscript": ".pt", "aoti": ".pt2"}
 
@@ -41,17 +40,12 @@ class LogitsOnly(nn.Module):
 
 
 def _check_out(out: str, fmt: str) -> str:
-    path = os.path.abspath(out)
-    fix = f"pass --out PATH{SUFFIX[fmt]} in an existing, writable folder"
-    if not path.endswith(SUFFIX[fmt]):
-        raise UsageError(f"export --out {out!r}: a {fmt} file must end with {SUFFIX[fmt]!r}; {fix}")
-    if os.path.exists(path):
-        raise UsageError(f"export --out {out!r} already exists; nothing was changed. Pick a new file name")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise UsageError(f"export --out {out!r}: the folder {parent} does not exist; {fix}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"export --out {out!r}: the folder {parent} is not writable; {fix}")
+    """`deploy.check_output_file` (no overwriting) as a usage error, then: not inside a run."""
+    try:
+        path = check_output_file(out, SUFFIX[fmt], overwrite=False)
+    except ValueError as exc:
+        raise UsageError(f"export --out {out!r}: {exc}; pass --out PATH{SUFFIX[fmt]} (a {fmt} file), "
+                         "a new file in an existing, writable folder; nothing was changed") from None
     check_not_in_run(out, "export --out")
     return path
 

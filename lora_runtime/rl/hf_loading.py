@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import json
 import os
 import shutil
 from typing import Any
@@ -29,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_runtime._fs import atomic_dir, write_json_atomic
+from lora_runtime._fs import atomic_dir, read_json_object, write_json_atomic
 from lora_runtime.config import BuiltinActorConfig, ConfigError
 from lora_runtime.rl.models.vla import MODEL_TYPE, TinyVLA
 
@@ -62,12 +61,9 @@ def read_model_folder(path: str, key: str = KEY) -> dict[str, Any]:
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"{key}={path!r} has no {CONFIG_NAME}, so it is not a model folder; {fix}")
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{cfg_path}: not valid JSON ({exc}); {fix}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{cfg_path}: expected a JSON object; {fix}")
+        cfg = read_json_object(cfg_path)
+    except ValueError as exc:  # not JSON, or not an object: the message names the file
+        raise ConfigError(f"{exc}; {fix}") from None
     if not glob.glob(os.path.join(path, "*.safetensors")):
         bins = glob.glob(os.path.join(path, "*.bin"))
         hint = " (it has PyTorch .bin files: re-save them with save_pretrained(..., safe_serialization=True))" if bins else ""

@@ -18,14 +18,11 @@ from typing import Any
 import torch
 
 from lora_runtime._fs import write_bytes_atomic
+from lora_runtime.errors import UsageError
 
 RESULT_NAMES = (
     "metrics.jsonl", "summary.json", "curves.png", "config.yaml", "adapter", "model", "train_state",
 )
-
-
-class UsageError(ValueError):
-    """A bad command line or run setting that is not a config validation error."""
 
 
 # ----------------------------------------------------------------------------- output folder

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from lora_runtime import parallel
 from lora_runtime._dist import comm_device
+from lora_runtime._threads import num_threads
 
 __all__ = ["Interrupt", "catch_signals", "num_threads"]
 
@@ -75,14 +76,3 @@ def catch_signals(flag: Interrupt) -> Iterator[None]:
             stack.callback(signal.signal, sig, previous)
         yield
 
-
-@contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """`torch.set_num_threads(n)` inside the block (None: unchanged); restored on exit."""
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
