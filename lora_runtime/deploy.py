@@ -12,12 +12,15 @@ process that loads it must load the op library first,
 `torch.ops.load_library(lora_runtime.ops.library_path())` (or link / `dlopen` that file in
 C++); nothing else of lora-runtime is needed there. With `merged=True` the adapters are
 folded into a copy first (`merge_lora`), and the file needs nothing but torch.
-The model passed in is never modified.
+The model passed in is never modified. A model whose forward returns an output object with
+`.logits` (a transformers `...ForCausalLM`) is exported as its logits (`LogitsOnly`):
+the file returns one tensor. Use `method="trace"` for those (transformers models do not script).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -25,12 +28,34 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lora_runtime._fs import atomic_file
+from lora_runtime._fs import atomic_file, check_writable
 from lora_runtime.adapters import iter_lora_layers, merge_lora, unwrap_model
 
 __all__ = [
-    "check_output_file", "deployable_copy", "export_aoti", "export_torchscript", "needs_op_library",
+    "LogitsOnly", "check_output_file", "deployable_copy", "export_aoti", "export_torchscript", "needs_op_library",
 ]
+
+
+class LogitsOnly(nn.Module):
+    """`model(*inputs).logits`: a model whose forward returns an output object (a
+    transformers `ModelOutput` such as `CausalLMOutputWithPast`, which neither the tracer
+    nor `torch.export` can return) seen as one returning its logits tensor. The exporters
+    wrap such a model themselves; the KV cache is turned off when `forward` takes `use_cache`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.no_cache = "use_cache" in inspect.signature(model.forward).parameters
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(*inputs, use_cache=False) if self.no_cache else self.model(*inputs)
+        return out.logits
+
+
+def _returns_logits_object(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    with torch.no_grad():
+        out = model(*inputs)
+    return not isinstance(out, (torch.Tensor, tuple, list)) and isinstance(getattr(out, "logits", None), torch.Tensor)
 
 
 def deployable_copy(model: nn.Module, merged: bool = False) -> nn.Module:
@@ -43,6 +68,14 @@ def deployable_copy(model: nn.Module, merged: bool = False) -> nn.Module:
     if merged:
         merge_lora(inner)
     return inner
+
+
+def _exportable(model: nn.Module, merged: bool, inputs: tuple[torch.Tensor, ...]) -> nn.Module:
+    """`deployable_copy`, frozen, and wrapped in `LogitsOnly` when it returns an output object."""
+    inner = deployable_copy(model, merged)
+    for p in inner.parameters():
+        p.requires_grad_(False)
+    return LogitsOnly(inner) if _returns_logits_object(inner, inputs) else inner
 
 
 def check_output_file(path: str | os.PathLike, suffix: str, overwrite: bool = True) -> str:
@@ -66,8 +99,10 @@ def check_output_file(path: str | os.PathLike, suffix: str, overwrite: bool = Tr
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise ValueError(f"the folder {parent} of the output file {path!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"the folder {parent} of the output file {path!r} is not writable")
+    try:
+        check_writable(parent)
+    except OSError as exc:
+        raise ValueError(f"the folder {parent} of the output file {path!r} is not writable ({exc.strerror or exc})") from None
     return path
 
 
@@ -97,9 +132,7 @@ def export_torchscript(
     if method not in ("script", "trace"):
         raise ValueError(f"export_torchscript: method={method!r}; allowed: 'script', 'trace'")
     path = check_output_file(path, ".pt")
-    inner = deployable_copy(model, merged)
-    for p in inner.parameters():
-        p.requires_grad_(False)
+    inner = _exportable(model, merged, tuple(example_inputs))
     with torch.no_grad():
         module = torch.jit.script(inner) if method == "script" else torch.jit.trace(inner, tuple(example_inputs))
         module(*example_inputs)  # fails here, not in the deployment, on inputs it cannot take
@@ -131,10 +164,8 @@ def export_aoti(
         ValueError: a bad `path`.
     """
     path = check_output_file(path, ".pt2")
-    inner = deployable_copy(model, merged)
-    for p in inner.parameters():
-        p.requires_grad_(False)
     inputs = tuple(example_inputs)
+    inner = _exportable(model, merged, inputs)
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=1 << 16)

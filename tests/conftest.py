@@ -46,6 +46,14 @@ def base_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(params=[0o022, 0o027], ids=["umask022", "umask027"])
+def umask(request):
+    """The test runs under this umask (the usual one, and one that keeps files from others)."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one thread is as fast and does not fight other processes for cores."""

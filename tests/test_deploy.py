@@ -125,3 +125,18 @@ def test_export_replaces_an_existing_file_and_leaves_nothing_else(tmp_path):
     export_torchscript(model, (x,), tmp_path / "m.pt", method="trace")
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left beside it
     torch.testing.assert_close(torch.jit.load(tmp_path / "m.pt")(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # transformers' own shape checks, traced as constants
+def test_a_transformers_causal_lm_exports_as_its_logits(tmp_path, tiny_llama, token_ids):
+    """`LlamaForCausalLM` returns `CausalLMOutputWithPast`, which the tracer cannot return:
+    the exporter exports its logits, and the file runs without transformers."""
+    apply_lora(tiny_llama, 2, alpha=4, target_modules=["q_proj", "v_proj"])
+    for _, layer in iter_lora_layers(tiny_llama):
+        nn.init.normal_(layer.lora_B.weight, std=0.2)
+    with torch.no_grad():
+        expected = tiny_llama(token_ids).logits.double()
+    path = export_torchscript(tiny_llama, (token_ids,), tmp_path / "llama.pt", method="trace")
+    proc = run_fresh(tmp_path, "torchscript", path, (token_ids,), with_library=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_matches(tmp_path, expected, rel=1e-4)

@@ -8,7 +8,14 @@ import re
 
 import pytest
 
-from lora_runtime._fs import atomic_file, read_json_object, write_bytes_atomic
+from lora_runtime._fs import (
+    atomic_dir,
+    atomic_file,
+    read_json_object,
+    remove_stale_staging,
+    removed_on_error,
+    write_bytes_atomic,
+)
 
 
 def test_atomic_file_replaces_the_file_only_on_success(tmp_path):
@@ -48,3 +55,43 @@ def test_read_json_object_reads_an_object_and_leaves_a_missing_file_to_the_calle
     assert read_json_object(tmp_path / "c.json") == {"r": 4, "alpha": [1]}
     with pytest.raises(FileNotFoundError):
         read_json_object(tmp_path / "missing.json")
+
+
+def test_written_files_and_folders_get_the_modes_of_a_plain_open(tmp_path, umask):
+    import tempfile
+
+    from support.files import modes
+
+    write_bytes_atomic(str(tmp_path / "a.bin"), b"x")
+    with atomic_dir(str(tmp_path / "new" / "folder")) as staging:
+        with open(os.path.join(staging, "plain.json"), "w") as f:
+            f.write("{}")
+        fd, private = tempfile.mkstemp(dir=staging)  # a writer staging through its own temporary file
+        os.close(fd)
+        os.rename(private, os.path.join(staging, "weights.safetensors"))
+        os.mkdir(os.path.join(staging, "sub"))
+    f, d = 0o666 & ~umask, 0o777 & ~umask
+    assert modes(tmp_path) == {"a.bin": f, "new/": d, "new/folder/": d, "new/folder/plain.json": f,
+                               "new/folder/weights.safetensors": f, "new/folder/sub/": d}
+
+
+def test_removed_on_error_removes_only_what_the_body_created(tmp_path):
+    (tmp_path / "old").mkdir()
+    with pytest.raises(RuntimeError), removed_on_error(str(tmp_path / "new" / "a" / "b"), str(tmp_path / "old" / "c")):
+        (tmp_path / "new" / "a" / "b").mkdir(parents=True)
+        (tmp_path / "old" / "c").mkdir()
+        (tmp_path / "old" / "kept").mkdir()
+        raise RuntimeError
+    assert sorted(os.listdir(tmp_path)) == ["old"] and os.listdir(tmp_path / "old") == ["kept"]
+    with removed_on_error(str(tmp_path / "ok")):
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()
+
+
+def test_remove_stale_staging_removes_the_hidden_folders_of_a_killed_writer(tmp_path):
+    for name in (".adapter.writing-abc", ".model.old-x", ".keep", "adapter"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".f.writing-1").write_text("a file")
+    removed = remove_stale_staging(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in removed) == [".adapter.writing-abc", ".model.old-x"]
+    assert sorted(os.listdir(tmp_path)) == [".f.writing-1", ".keep", "adapter"]

@@ -6,7 +6,12 @@ Modules, bottom up: `layer` (LoRALinear) <- `targets` (matching, the patched lay
 `disable` <- `checkpoint` (save / validated load).
 """
 
-from lora_runtime.adapters.checkpoint import apply_and_load_adapter, load_adapter, save_adapter
+from lora_runtime.adapters.checkpoint import (
+    apply_and_load_adapter,
+    check_adapter_rank,
+    load_adapter,
+    save_adapter,
+)
 from lora_runtime.adapters.disable import adapter_disabled
 from lora_runtime.adapters.grouping import group_siblings, sibling_groups, ungroup_siblings
 from lora_runtime.adapters.inject import apply_lora, remove_lora
@@ -41,6 +46,7 @@ __all__ = [
     "adapter_state_dict",
     "apply_and_load_adapter",
     "apply_lora",
+    "check_adapter_rank",
     "find_targets",
     "group_siblings",
     "iter_lora_layers",

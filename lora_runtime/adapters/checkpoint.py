@@ -33,7 +33,21 @@ from lora_runtime.adapters.saved_modules import (
 from lora_runtime.adapters.targets import find_targets, iter_lora_layers
 from lora_runtime.adapters.weight_sync import adapter_state_dict
 
-__all__ = ["apply_and_load_adapter", "load_adapter", "save_adapter"]
+__all__ = ["apply_and_load_adapter", "check_adapter_rank", "load_adapter", "save_adapter"]
+
+
+def check_adapter_rank(adapter: AdapterFiles, expected_rank: int) -> None:
+    """Refuses an adapter whose r is not the run config's `lora_rank` (reads no weights).
+
+    Raises:
+        AdapterError: naming both values and the fix.
+    """
+    r = adapter.config["r"]
+    if r != expected_rank:
+        raise AdapterError(
+            f"actor.model.lora_rank={expected_rank} but the adapter in {adapter.directory} has r={r} "
+            f"({ADAPTER_CONFIG_NAME}); set lora_rank: {r} to resume it"
+        )
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -161,11 +175,8 @@ def apply_and_load_adapter(
     if not isinstance(adapter, AdapterFiles):
         adapter = read_adapter(adapter)
     directory, cfg = adapter.directory, adapter.config
-    if expected_rank is not None and cfg["r"] != expected_rank:
-        raise AdapterError(
-            f"actor.model.lora_rank={expected_rank} but the adapter in {directory} has r={cfg['r']} "
-            f"({ADAPTER_CONFIG_NAME}); set lora_rank: {cfg['r']} to resume it"
-        )
+    if expected_rank is not None:
+        check_adapter_rank(adapter, expected_rank)
     exclude = cfg.get("exclude_modules") or []
     paths = [n for n, _ in find_targets(model, cfg["target_modules"], exclude)]
     if not paths:

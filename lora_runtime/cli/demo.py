@@ -152,15 +152,15 @@ def run_demo(configs_dir: str, output_root: str | None, overrides: Sequence[str]
     side = alongside.wait(stop=code not in (0, EXIT_INTERRUPTED))
     if code != 0 or side != 0:
         return code or side
-    print_comparison(runs, time.perf_counter() - start)
+    print_comparison(runs)
     from lora_runtime.cli.evaluate import evaluate_demo  # deferred: loads torch
 
     evaluate_demo(runs)
-    print(f"total demo time {time.perf_counter() - start:.0f} s")
+    print(f"total demo time {time.perf_counter() - start:.0f} s")  # once, at the very end (evaluation included)
     return 0
 
 
-def print_comparison(runs: Sequence[DemoRun], total_s: float) -> None:
+def print_comparison(runs: Sequence[DemoRun]) -> None:
     """The demo's table, read back from each run's `summary.json` and `metrics.jsonl`."""
     rows, notes = [], []
     summaries = {}
@@ -189,6 +189,6 @@ def print_comparison(runs: Sequence[DemoRun], total_s: float) -> None:
                      f"chance is {chance:.4f}) and ended at {resume['final_reward']:.3f}")
     notes.append(f"peak memory: {summaries[runs[0].name]['peak_memory_kind']} of each run's process; train state: "
                  "weights + gradients + optimizer state + frozen reference copy (full mode)")
-    notes.append(f"total demo time {total_s:.0f} s; curves in each run's curves.png, per-step numbers in metrics.jsonl")
+    notes.append("curves in each run's curves.png, per-step numbers in metrics.jsonl")
     for note in notes:
         print(note)

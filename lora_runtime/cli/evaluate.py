@@ -56,7 +56,9 @@ def evaluate_config(run_cfg: RunConfig, episodes: int | None, adapter: str | Non
             if merged:
                 merge_lora(model)
         result = task.evaluate(model, episodes)
-    what = "base" if adapter is None else f"{'merged ' if merged else ''}{adapter}"
+    model_path = run_cfg.actor.model.model_path
+    plain = "base" if model_path is None else f"model {model_path}"  # a full run's model/ is not "base"
+    what = plain if adapter is None else f"{'merged ' if merged else ''}{adapter}"
     return {**result, "model": what, "task": task.title}
 
 

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from torch import nn
 
 from lora_runtime.actor import prepare_actor
-from lora_runtime.adapters import AdapterError, group_siblings, read_adapter, unwrap_model
+from lora_runtime.adapters import (
+    AdapterError,
+    check_adapter_rank,
+    group_siblings,
+    read_adapter,
+    unwrap_model,
+)
 from lora_runtime.config import ConfigError, RunConfig
 from lora_runtime.rl.builtin_base import check_task, load_base
 from lora_runtime.rl.models import family_of
@@ -45,6 +51,7 @@ def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str
                 "a LoRA run saved (adapter_config.json + adapter_model.safetensors; e.g. train "
                 "configs/lora_new.yaml first), or set lora_path: null to train a new adapter"
             ) from None
+        check_adapter_rank(adapter, mc.lora_rank)  # before the base is built, too
     try:
         model = load_base(run_cfg, create=create_base, log=log)
         build_task(run_cfg, model)  # fail early on a task that does not fit the model

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lora_runtime._fs import write_bytes_atomic
+from lora_runtime._fs import check_writable, write_bytes_atomic
 from lora_runtime.errors import UsageError
 
 RESULT_NAMES = (
@@ -35,7 +35,8 @@ def _nearest_existing(path: str) -> str:
 
 
 def check_output_dir(output_dir: str, overwrite: bool, key: str = "runner.output_dir") -> str:
-    """Makes sure a run may write to `output_dir`; writes nothing (the folder is created later).
+    """Makes sure a run may write to `output_dir`; leaves nothing (the folder is created
+    later): a file is created and removed in the folder, or its nearest existing parent.
 
     Returns:
         The absolute path.
@@ -59,19 +60,28 @@ def check_output_dir(output_dir: str, overwrite: bool, key: str = "runner.output
     existing = _nearest_existing(path)
     if not os.path.isdir(existing):
         raise UsageError(f"{key}={output_dir!r} cannot be created: {existing} is a file; {fix}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{key}={output_dir!r} is not writable (no write permission on {existing}); {fix}")
+    try:
+        check_writable(existing)
+    except OSError as exc:
+        raise UsageError(f"{key}={output_dir!r} is not writable (cannot create a file in {existing}: "
+                         f"{exc.strerror or exc}); {fix}") from None
     return path
 
 
 class MetricsWriter:
     """Appends one JSON object per step to `metrics.jsonl`, one whole line per `write` call
     and flushed, so the file is a log that grows by complete lines (the one file of a run
-    that is appended to rather than replaced atomically)."""
+    that is appended to rather than replaced atomically).
 
-    def __init__(self, path: str) -> None:
+    Args:
+        path: the file; replaced (atomically) by `history`, then appended to.
+        history: the records of earlier steps to keep (a run continued in place).
+    """
+
+    def __init__(self, path: str, history: Sequence[dict[str, Any]] = ()) -> None:
         self.path = path
-        self._f = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history).encode("utf-8"))
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -91,7 +101,7 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: str, title: str) -> str | None:
-    """Writes the reward and loss curves as a PNG.
+    """Writes the reward and loss curves as a PNG (`curves_figure`).
 
     Returns:
         None when written, else why not (matplotlib missing, no records).
@@ -105,32 +115,52 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str, title: str) -> str
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'lora-runtime[plot]')"
-    steps = [r["step"] for r in records]
-    fig, (ax_r, ax_l, ax_k) = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax_r.plot(steps, [r["reward_mean"] for r in records], label="reward (mean of batch)")
-    ax_r.axhline(records[0]["chance_reward"], color="grey", linestyle="--", label="chance")
-    if "success_rate" in records[0]:  # multi-step tasks: success, with the warm start's and random's levels
-        ax_r.plot(steps, [r["success_rate"] for r in records], label="success rate")
-        for key, style, label in (("warm_start_success", ":", "warm start success (greedy, held-out)"),
-                                  ("random_success", "-.", "random policy success")):
-            if key in records[0]:
-                ax_r.axhline(records[0][key], color="black", linestyle=style, label=label)
-    ax_r.set(xlabel="step", ylabel="reward", ylim=(-0.02, 1.02), title=f"{title}: reward")
-    ax_r.legend(loc="lower right")
-    ax_l.plot(steps, [r["loss"] for r in records], label="loss")
-    ax_l.plot(steps, [r["pg_loss"] for r in records], label="policy-gradient part")
-    ax_l.set(xlabel="step", title=f"{title}: loss")
-    ax_l.legend(loc="best")
-    ax_k.plot(steps, [r["kl"] for r in records], color="tab:green")
-    ax_k.set(xlabel="step", title=f"{title}: KL to the reference policy")
-    fig.tight_layout()
+    fig = curves_figure(records, title)
     png = io.BytesIO()
     try:
-        fig.savefig(png, format="png", dpi=100)
+        fig.savefig(png, format="png", dpi=100, bbox_inches="tight")  # "tight": the legends below too
     finally:
         plt.close(fig)
     write_bytes_atomic(path, png.getvalue())
     return None
+
+
+def _legend_below(ax) -> None:
+    """The legend under the panel, where it hides no curve."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize="small", frameon=False)
+
+
+def curves_figure(records: Sequence[dict[str, Any]], title: str):
+    """A matplotlib figure, one panel each: reward (with chance), success rate (multi-step
+    tasks: with the warm start's and a random policy's levels), loss, KL to the reference.
+    Legends sit below their panels. Needs matplotlib."""
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    success = "success_rate" in records[0]
+    fig, axes = plt.subplots(1, 4 if success else 3, figsize=(17 if success else 13, 3.6))
+    ax_r, ax_l, ax_k = axes[0], axes[-2], axes[-1]
+    ax_r.plot(steps, [r["reward_mean"] for r in records], label="reward (mean of batch)")
+    ax_r.axhline(records[0]["chance_reward"], color="grey", linestyle="--", label="chance")
+    ax_r.set(xlabel="step", ylabel="reward", ylim=(-0.02, 1.02), title=f"{title}: reward")
+    _legend_below(ax_r)
+    if success:
+        ax_s = axes[1]
+        ax_s.plot(steps, [r.get("success_rate", float("nan")) for r in records], color="tab:orange", label="success rate")
+        for key, style, label in (("warm_start_success", ":", "warm start success (greedy, held-out)"),
+                                  ("random_success", "-.", "random policy success")):
+            if key in records[0]:
+                ax_s.axhline(records[0][key], color="black", linestyle=style, label=label)
+        ax_s.set(xlabel="step", ylabel="success rate", ylim=(-0.02, 1.02), title=f"{title}: success")
+        _legend_below(ax_s)
+    ax_l.plot(steps, [r["loss"] for r in records], label="loss")
+    ax_l.plot(steps, [r["pg_loss"] for r in records], label="policy-gradient part")
+    ax_l.set(xlabel="step", title=f"{title}: loss")
+    _legend_below(ax_l)
+    ax_k.plot(steps, [r["kl"] for r in records], color="tab:green")
+    ax_k.set(xlabel="step", title=f"{title}: KL to the reference policy")
+    fig.tight_layout()
+    return fig
 
 
 # ----------------------------------------------------------------------------- memory

@@ -157,13 +157,33 @@ def save_weights_and_state(
     return targets
 
 
-def find_train_state(run_cfg: RunConfig) -> str | None:
-    """The `train_state/` folder beside the weights this run starts from, if there is one."""
+def source_run_dir(run_cfg: RunConfig) -> str | None:
+    """The folder of the run this one starts from: the parent of `lora_path` (resume mode)
+    or of `model_path` (full mode; any model folder's parent), else None. Absolute."""
     mc = run_cfg.actor.model
     source = mc.lora_path if mc.mode == "resume" else mc.model_path if mc.mode == "full" else None
+    return None if source is None else os.path.dirname(os.path.abspath(source.rstrip("/\\")))
+
+
+def continues_in_place(run_cfg: RunConfig) -> bool:
+    """A run continued in place: `runner.output_dir` is the folder of the run it starts from
+    (`lora_path: <out>/adapter`, or `model_path: <out>/model` in full mode) and that folder
+    holds the weights where this run saves them (`weights_dir`). Such a run needs no
+    `runner.overwrite`: it appends to that run's `metrics.jsonl` (steps numbered on) and
+    its `curves.png` and `summary.json` cover the whole history."""
+    source = source_run_dir(run_cfg)
+    mc = run_cfg.actor.model
+    own = weights_dir(os.path.abspath(run_cfg.runner.output_dir), mc.mode)
+    origin = os.path.abspath((mc.lora_path if mc.mode == "resume" else mc.model_path or "").rstrip("/\\"))
+    return source is not None and os.path.realpath(origin) == os.path.realpath(own)
+
+
+def find_train_state(run_cfg: RunConfig) -> str | None:
+    """The `train_state/` folder beside the weights this run starts from, if there is one."""
+    source = source_run_dir(run_cfg)
     if source is None:
         return None
-    folder = os.path.join(os.path.dirname(os.path.abspath(source.rstrip("/\\"))), STATE_DIR)
+    folder = os.path.join(source, STATE_DIR)
     return folder if os.path.isdir(folder) else None
 
 

@@ -20,12 +20,17 @@ import yaml
 from torch import nn
 
 from lora_runtime import parallel
-from lora_runtime._fs import write_json_atomic, write_text_atomic
+from lora_runtime._fs import (
+    remove_stale_staging,
+    removed_on_error,
+    write_json_atomic,
+    write_text_atomic,
+)
 from lora_runtime.adapters import iter_lora_layers, trainable_summary, unwrap_model
 from lora_runtime.compile import compile_actor
 from lora_runtime.config import RunConfig, RunnerConfig
 from lora_runtime.rl.actor_builder import build_actor
-from lora_runtime.rl.builtin_base import base_path, base_report, load_base
+from lora_runtime.rl.builtin_base import base_path, base_report, builtin_base_dir, load_base
 from lora_runtime.rl.learners import GRPOLearner, PPOLearner, learner_for
 from lora_runtime.rl.loop import lr_at, rl_step
 from lora_runtime.rl.outputs import (
@@ -34,6 +39,7 @@ from lora_runtime.rl.outputs import (
     check_output_dir,
     peak_memory_mb,
     plot_curves,
+    read_metrics,
 )
 from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.reference import Reference
@@ -42,6 +48,7 @@ from lora_runtime.rl.seeding import RunSeeds
 from lora_runtime.rl.tasks import Task, build_task
 from lora_runtime.rl.train_state import (
     TrainState,
+    continues_in_place,
     find_train_state,
     load_train_state,
     save_weights_and_state,
@@ -113,6 +120,7 @@ class Session:
     learner: GRPOLearner | PPOLearner | None = None
     saved: list[str] = field(default_factory=list)
     saved_step: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier steps (continued in place)
 
     @property
     def mode(self) -> str:
@@ -145,7 +153,15 @@ def train(
     """Runs the RL loop on the config's task in the mode of `run_cfg.actor.model` and writes the run.
 
     Everything that can be wrong with the input (output folder, base model, adapter,
-    training state) is checked before anything is written to `runner.output_dir`.
+    training state) is checked before anything is written to `runner.output_dir`, and the
+    folders (and new parents) a refused run created are removed: a run that fails before
+    its first step leaves the disk as it found it.
+
+    A resume run in its own folder (`output_dir` holding the adapter at `lora_path`, or the
+    model at `model_path` in full mode: `train_state.continues_in_place`) continues that run
+    in place: no `runner.overwrite` needed, `metrics.jsonl` keeps the earlier steps up to
+    the one it continues from (the training state's step, else the last logged one) and the
+    new steps are numbered on; `curves.png` and the summary's rewards cover the whole run.
 
     Args:
         run_cfg: the validated run config.
@@ -189,39 +205,61 @@ def _quiet(message: str) -> None:
 def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.device) -> RunResult:
     cfg, algo = run_cfg.runner, run_cfg.algorithm
     check_distributed(cfg)
-    out = check_output_dir(cfg.output_dir, cfg.overwrite)
+    in_place = continues_in_place(run_cfg)
+    out = check_output_dir(cfg.output_dir, cfg.overwrite or in_place)
     world = parallel.get_world_size()
     if getattr(algo, "batch_size", world) % world:
         raise UsageError(f"algorithm.batch_size={algo.batch_size} cannot be split over {world} ranks; use a multiple of {world}")
+    new_base = [builtin_base_dir(run_cfg)] if run_cfg.actor.model.model_path is None else []
     parallel.barrier()  # every rank has checked the folder before rank 0 writes into it
     with num_threads(cfg.num_threads):
-        with parallel.main_process_first():  # rank 0 builds and caches the built-in base
-            model = build_actor(run_cfg, log=log).to(device)
-        learner = learner_for(algo)
-        task = build_task(run_cfg, model)
-        if learner.uses_value_head:
-            attach_value_head(model, run_cfg, task.family)
-        reference = Reference(model, run_cfg.actor.model.mode)  # full mode copies the plain model
-        model = parallel.wrap_actor(model, cfg.distributed)  # FSDP2 in place, or the DDP wrapper
-        params = [p for p in model.parameters() if p.requires_grad]
-        # The multi-tensor (foreach) AdamW: a few kernels for all parameters instead of a loop
-        # over them. Not `fused=True`: on CPU (torch 2.13) the fused kernel updates the
-        # parameters without bumping their version counters, which the grouped siblings'
-        # stacked-A cache and merged()'s exact store rely on (a stale cache changed the policy).
-        optimizer = torch.optim.AdamW(params, lr=algo.lr, weight_decay=algo.weight_decay, foreach=True)
-        seeds = RunSeeds(cfg.seed, parallel.get_rank())
-        generator = seeds.generator("sampling")  # this rank's scenes and actions
-        seeds.seed_global()  # dropout and anything else on torch's default generator
-        task.fixed_shapes = cfg.compile  # a compiled actor sees one shape: it compiles once
-        session = Session(run_cfg, model, model, task, optimizer, generator, reference, device, out, learner=learner)
-        state_dir = find_train_state(run_cfg) if cfg.resume_train_state else None
-        if state_dir is not None:
-            session.start_step = load_train_state(state_dir, model, optimizer, generator, algo)
-            log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
-        session.task.measure_levels(base_report(run_cfg), lambda: load_base(run_cfg, create=False))
-        if cfg.compile:
-            session.forward_model = compile_actor(model, dynamic=False)  # fixed shapes: one graph per state
+        with removed_on_error(out, *new_base, active=parallel.is_main_process()):  # a refused run leaves nothing
+            session = _session(run_cfg, out, in_place, log, device)
         return _run(session, on_step, log, display)
+
+
+def _session(run_cfg: RunConfig, out: str, in_place: bool, log, device: torch.device) -> Session:
+    """Builds the actor, task, optimizer and streams, and restores the training state."""
+    cfg, algo = run_cfg.runner, run_cfg.algorithm
+    with parallel.main_process_first():  # rank 0 builds and caches the built-in base
+        model = build_actor(run_cfg, log=log).to(device)
+    learner = learner_for(algo)
+    task = build_task(run_cfg, model)
+    if learner.uses_value_head:
+        attach_value_head(model, run_cfg, task.family)
+    reference = Reference(model, run_cfg.actor.model.mode)  # full mode copies the plain model
+    model = parallel.wrap_actor(model, cfg.distributed)  # FSDP2 in place, or the DDP wrapper
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The multi-tensor (foreach) AdamW: a few kernels for all parameters instead of a loop
+    # over them. Not `fused=True`: on CPU (torch 2.13) the fused kernel updates the
+    # parameters without bumping their version counters, which the grouped siblings'
+    # stacked-A cache and merged()'s exact store rely on (a stale cache changed the policy).
+    optimizer = torch.optim.AdamW(params, lr=algo.lr, weight_decay=algo.weight_decay, foreach=True)
+    seeds = RunSeeds(cfg.seed, parallel.get_rank())
+    generator = seeds.generator("sampling")  # this rank's scenes and actions
+    seeds.seed_global()  # dropout and anything else on torch's default generator
+    task.fixed_shapes = cfg.compile  # a compiled actor sees one shape: it compiles once
+    session = Session(run_cfg, model, model, task, optimizer, generator, reference, device, out, learner=learner)
+    state_dir = find_train_state(run_cfg) if cfg.resume_train_state else None
+    if state_dir is not None:
+        session.start_step = load_train_state(state_dir, model, optimizer, generator, algo)
+        log(f"continuing from {state_dir} (optimizer, RNG) at step {session.start_step}")
+    if in_place:
+        session.history = _history(out, None if state_dir is None else session.start_step)
+        if state_dir is None and session.history:  # no training state: number on from the log
+            session.start_step = session.history[-1]["step"]
+    session.task.measure_levels(base_report(run_cfg), lambda: load_base(run_cfg, create=False))
+    if cfg.compile:
+        session.forward_model = compile_actor(model, dynamic=False)  # fixed shapes: one graph per state
+    return session
+
+
+def _history(out: str, last_step: int | None) -> list[dict[str, Any]]:
+    """The records of `out/metrics.jsonl` up to `last_step` (all when None): the steps a run
+    continued in place keeps. Steps logged after its training state was saved are dropped."""
+    path = os.path.join(out, "metrics.jsonl")
+    records = read_metrics(path) if os.path.isfile(path) else []
+    return [r for r in records if last_step is None or r["step"] <= last_step]
 
 
 def _policy(session: Session) -> ActorPolicy:
@@ -237,10 +275,11 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
     main = parallel.is_main_process()
     if main:
         os.makedirs(out, exist_ok=True)
+        remove_stale_staging(out)  # left by a rank 0 killed while saving (SIGKILL)
         write_text_atomic(os.path.join(out, "config.yaml"), yaml.safe_dump(_resolved(session.run_cfg), sort_keys=False))
     name = os.path.basename(out)
     log(f"{name}: mode {session.mode}, {trainable_summary(session.model)}; {session.task.describe()}")
-    metrics = MetricsWriter(os.path.join(out, "metrics.jsonl")) if main else None
+    metrics = MetricsWriter(os.path.join(out, "metrics.jsonl"), session.history) if main else None
     display.start(f"{name} ({session.mode})", cfg.steps, session.start_step + 1)
     records: list[dict[str, Any]] = []
     policy = _policy(session)
@@ -291,7 +330,8 @@ def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, lo
             display: Display) -> RunResult:
     cfg, out = session.run_cfg.runner, session.out
     interrupted = flag.requested
-    rewards = [r["reward_mean"] for r in records]
+    whole = session.history + records  # the whole run when continued in place
+    rewards = [r["reward_mean"] for r in whole]
     times = [r["step_time_s"] for r in records[1:]] or [r["step_time_s"] for r in records]
     counts = trainable_summary(session.model)
     peak, peak_kind = peak_memory_mb(session.device)
@@ -301,6 +341,7 @@ def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, lo
         "base": base_path(session.run_cfg),
         "lora_path": session.run_cfg.actor.model.lora_path,
         "steps_run": len(records),
+        "history_steps": len(whole),  # steps in metrics.jsonl (more than steps_run when continued in place)
         "first_step": session.start_step + 1,
         "last_step": records[-1]["step"] if records else session.start_step,
         "interrupted": interrupted,
@@ -319,13 +360,13 @@ def _finish(session: Session, records: list[dict[str, Any]], flag: Interrupt, lo
         "compile": cfg.compile,
     }
     if records and "success_rate" in records[0]:  # multi-step tasks
-        successes = [r["success_rate"] for r in records]
+        successes = [r.get("success_rate", float("nan")) for r in whole]
         summary.update(first_success=_mean(successes[:SUMMARY_WINDOW]), final_success=_mean(successes[-SUMMARY_WINDOW:]),
                        env_steps_per_s=_mean([r["env_steps_per_s"] for r in records]))
     result = RunResult(out, interrupted, summary, session.model, flag.signal, list(session.saved), parallel.is_main_process())
     if not result.is_main:
         return result
-    note = plot_curves(records, os.path.join(out, "curves.png"), os.path.basename(out)) if cfg.plot else "runner.plot is false"
+    note = plot_curves(whole, os.path.join(out, "curves.png"), os.path.basename(out)) if cfg.plot else "runner.plot is false"
     summary["curves"] = None if note else os.path.join(out, "curves.png")
     if note:
         log(f"curves.png not written: {note}")

@@ -27,16 +27,6 @@ from lora_runtime.rl.outputs import read_metrics
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, base_dir):
-    """A LoRA run made through the CLI: (config path, output dir)."""
-    d = tmp_path_factory.mktemp("trained")
-    config = write_yaml(d / "new.yaml", tiny_raw(d / "lora_new", base_dir, steps=4))
-    with isolated():
-        assert main(["train", config]) == 0
-    return config, d / "lora_new"
-
-
 def assert_usage_error(capsys, argv, *patterns):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -172,6 +162,7 @@ def test_demo_runs_new_resume_full_and_compares(tmp_path, base_dir, capsys, monk
     text = capsys.readouterr().out
     assert "demo: new -> resume -> full" in text and "final reward" in text
     assert "resume started at" in text
+    assert text.count("total demo time") == 2  # once per demo, at its end
     resumed = read_metrics(root / "lora_resume" / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [4, 5]  # continued the new run's steps
     full = json.loads((root / "full" / "summary.json").read_text())

@@ -64,7 +64,7 @@ def fake(monkeypatch, marks, actions: dict[str, str]) -> list[str]:
     marks.mkdir(exist_ok=True)
     monkeypatch.setattr(demo, "_command", lambda run: [sys.executable, "-c", FAKE, run.name, str(marks), actions[run.name]])
     tables: list[str] = []
-    monkeypatch.setattr(demo, "print_comparison", lambda runs, total: tables.extend(r.name for r in runs))
+    monkeypatch.setattr(demo, "print_comparison", lambda runs: tables.extend(r.name for r in runs))
     return tables
 
 

@@ -212,6 +212,9 @@ def test_full_mode_folder_is_complete(llama_bf16, tmp_path):
     assert set(_safetensors_dtypes(str(tmp_path / "model"), "model.safetensors").values()) == {torch.bfloat16}
 
 
+# PEFT warns that the tied lm_head is adapted without `ensure_weight_tying`: meant, our adapter
+# adapts lm_head alone (the embedding stays as it is; merging unties the head).
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
 def test_auto_peft_model_loads_our_adapter(qwen_tied, tmp_path):
     peft = pytest.importorskip("peft", reason="needs peft (test extra)")
     model = patched(load_model_folder(qwen_tied))

@@ -348,6 +348,24 @@ def test_cli_stop_and_resume_under_torchrun(tmp_path, empty_base_dir):
     assert summary["steps_run"] == n - k2 and summary["lora_layers"] == len(list(iter_lora_layers(model)))
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_full_mode_continues_in_place_under_torchrun(tmp_path, empty_base_dir, mode):
+    """Full mode with its training state on 2 ranks: 4 straight steps == 2 steps, then 2 more
+    continued in the same folder from `model/` and `train_state/`, bit for bit (`kl_coef: 0`:
+    full mode's reference is the model a run starts from)."""
+    full = ("actor.model.is_lora=false", "algorithm.kl_coef=0")
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    for out_dir, extra in ((straight, ["runner.steps=4"]), (run, ["runner.steps=2"]),
+                           (run, ["runner.steps=2", f"actor.model.model_path={run / 'model'}"])):
+        rc, out = finish(start_torchrun(cli_args(out_dir, empty_base_dir, mode, *full, *extra)))
+        assert rc == 0, out[-6000:]
+    assert f"continuing from {run / 'train_state'} (optimizer, RNG) at step 2" in out
+    assert compared(run) == compared(straight) and [r["step"] for r in compared(run)] == [1, 2, 3, 4]
+    assert (run / "model" / "model.safetensors").read_bytes() == (straight / "model" / "model.safetensors").read_bytes()
+    meta = json.loads((run / "train_state" / "meta.json").read_text())
+    assert (meta["step"], meta["mode"], meta["world_size"], meta["distributed"]) == (4, "full", 2, mode)
+
+
 def _rank_pids(torchrun_pid: int) -> dict[int, int]:
     """{rank: pid} of torchrun's worker processes (read from /proc)."""
     ranks = {}

@@ -19,7 +19,7 @@ from lora_runtime.cli import main
 from lora_runtime.config import validate_config
 from lora_runtime.rl.actor_builder import build_actor
 from lora_runtime.rl.builtin_base import builtin_base_dir
-from lora_runtime.rl.outputs import read_metrics
+from lora_runtime.rl.outputs import curves_figure, read_metrics
 from lora_runtime.rl.tasks import build_task as make_task
 from lora_runtime.rl.tasks.episodes import HELD_OUT_SEED
 from lora_runtime.rl.tasks.episodes import quiet as task_quiet
@@ -139,7 +139,7 @@ def test_the_demo_table_has_the_random_policy_and_goes_to_eval_json(runs, tmp_pa
 
     from lora_runtime.cli.evaluate import evaluate_demo
 
-    root, new, resume, full = runs
+    root, new, _, full = runs
     demo_runs = []
     for name, result, raw in (("lora_new", new, tiny_episodic_raw(root / "lora_new", root / "base")),
                               ("full", full, tiny_episodic_raw(root / "full", root / "base", mode="full"))):
@@ -153,3 +153,39 @@ def test_the_demo_table_has_the_random_policy_and_goes_to_eval_json(runs, tmp_pa
                                                     "full (model/)"]
     assert all(r["episodes"] == 4 and r["first_seed"] == HELD_OUT_SEED for r in saved["rows"])
     assert "random policy" in out and "target for lora_new: success >= 0.85" in out and str(root / "eval.json") in out
+
+
+def test_eval_of_a_full_runs_model_names_that_model(runs, tmp_path, capsys):
+    import yaml
+
+    root, *_, full = runs
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_episodic_raw(tmp_path / "unused", root / "base", mode="full")))
+    model = os.path.join(full.output_dir, "model")
+    assert main(["eval", str(cfg), "--episodes", "2", "--set", f"actor.model.model_path={model}"]) == 0
+    out = capsys.readouterr().out
+    assert f"model {model}" in out and " base " not in out
+
+
+def test_curves_show_success_apart_from_reward_and_legends_hide_no_curve(runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, new, *_ = runs
+    records = read_metrics(os.path.join(new.output_dir, "metrics.jsonl"))
+    fig = curves_figure(records, "t")
+    try:
+        fig.canvas.draw()
+        reward, success = fig.axes[0], fig.axes[1]
+        labels = [line.get_label() for line in reward.get_lines()]
+        assert labels[0] == "reward (mean of batch)" and "success rate" not in labels
+        assert "success rate" in [line.get_label() for line in success.get_lines()]
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is not None:
+                assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    finally:
+        plt.close(fig)

@@ -111,6 +111,39 @@ def test_resume_continues_exactly(tmp_path, base_dir):
     assert second.summary["first_step"] == 4
 
 
+@pytest.mark.parametrize("mode", ["resume", "full"])
+def test_resume_in_place_appends_and_numbers_on(tmp_path, base_dir, mode):
+    """A run continued in its own folder: the same steps and weights as one straight run,
+    `metrics.jsonl` keeps every step, the summary and the curve cover the whole run."""
+    out = tmp_path / "run"
+    run(tiny_raw(tmp_path / "straight", base_dir, mode=mode if mode == "full" else "new", steps=5))
+    run(tiny_raw(out, base_dir, mode=mode if mode == "full" else "new", steps=3))
+    (tmp_path / "first.jsonl").write_bytes((out / "metrics.jsonl").read_bytes())
+    (out / ".adapter.writing-dead").mkdir()  # what a rank 0 killed while saving leaves
+    source = {"lora_path": out / "adapter"} if mode == "resume" else {}
+    raw = tiny_raw(out, base_dir, mode=mode, steps=2, plot=True, **source)
+    if mode == "full":
+        raw["actor"]["model"]["model_path"] = str(out / "model")
+    second = run(raw)  # no runner.overwrite: continuing in place replaces nothing of another run
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[:3] == read_metrics(tmp_path / "first.jsonl")
+    assert second.summary["first_step"] == 4 and second.summary["steps_run"] == 2
+    assert second.summary["history_steps"] == 5
+    assert second.summary["first_reward"] == sum(r["reward_mean"] for r in records) / 5  # the whole run
+    if mode == "resume":  # the adapter continues exactly (full mode's reference is the model it starts from)
+        one_go = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+        assert [(r["reward_mean"], r["loss"]) for r in records] == [(r["reward_mean"], r["loss"]) for r in one_go]
+    assert (out / "curves.png").is_file() and not (out / ".adapter.writing-dead").exists()
+
+
+def test_resume_in_place_without_a_train_state_numbers_on_from_the_log(tmp_path, base_dir):
+    out = tmp_path / "run"
+    run(tiny_raw(out, base_dir, steps=3))
+    run(tiny_raw(out, base_dir, mode="resume", lora_path=out / "adapter", steps=2, resume_train_state=False))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
 def test_resume_starts_from_the_adapter_not_from_chance(new_run, tmp_path, base_dir):
     out, result = new_run
     resumed = run(tiny_raw(tmp_path / "resume", base_dir, mode="resume", lora_path=out / "adapter",
