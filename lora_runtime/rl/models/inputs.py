@@ -34,10 +34,13 @@ class ModelInputs:
         return replace(self, **{k: _map(getattr(self, k), lambda t: t.to(device)) for k in _TENSORS})
 
     def select(self, index: torch.Tensor | slice) -> ModelInputs:
-        """The rows at `index` (their images or views repeated once each)."""
+        """The rows at `index` (their images or views repeated once each; all rows in order keep
+        the shared images)."""
         if self.repeats == 1:
             return replace(self, **{k: _map(getattr(self, k), lambda t: t[index]) for k in _TENSORS})
         rows = torch.arange(len(self))[index]  # [n]
+        if len(rows) == len(self) and torch.equal(rows, torch.arange(len(self))):
+            return self  # every row in order: keep one image per group (the encoder runs once per image)
         image = rows // self.repeats  # [n]
         return ModelInputs(_map(self.pixels, lambda t: t[image.to(t.device)]),
                            _map(self.symbol_ids, lambda t: t[image.to(t.device)]),
