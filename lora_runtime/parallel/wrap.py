@@ -77,6 +77,7 @@ def shard_actor(
     reshard_after_forward: bool = True,
     block_types: Iterable[type | str] | None = None,
     sync_module_states: bool = True,
+    own_units: Iterable[str] = (),
 ) -> nn.Module:
     """Applies FSDP2 (`fully_shard`) to each repeated block, then to the root, in place.
 
@@ -121,6 +122,8 @@ def shard_actor(
         _broadcast_states(model, mesh.get_group())
     for _, block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    for name in own_units:
+        fully_shard(model.get_submodule(name), mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
@@ -172,12 +175,13 @@ def replicate_actor(
 MODES = ("none", "fsdp", "ddp")
 
 
-def wrap_actor(model: nn.Module, mode: str) -> nn.Module:
+def wrap_actor(model: nn.Module, mode: str, own_units: Iterable[str] = ()) -> nn.Module:
     """The actor as trained under `runner.distributed`: as is, sharded or replicated.
 
     Args:
         model: the prepared actor (patched or full), on this rank's device.
         mode: "none", "fsdp" (`shard_actor`) or "ddp" (`replicate_actor`).
+        own_units: submodules called outside the model's forward (see `shard_actor`).
 
     Returns:
         `model` for "none" and "fsdp" (sharded in place), the DDP wrapper for "ddp".
@@ -188,7 +192,7 @@ def wrap_actor(model: nn.Module, mode: str) -> nn.Module:
     if mode not in MODES:
         raise ValueError(f"runner.distributed={mode!r}; allowed {list(MODES)}")
     if mode == "fsdp":
-        return shard_actor(model)
+        return shard_actor(model, own_units=own_units)
     if mode == "ddp":
         return replicate_actor(model)
     return model

@@ -16,6 +16,7 @@ what each minimises. The math itself is in `rl.algorithms` (pure functions of te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class GRPOLearner:
 
     uses_value_head = False
     fixed_total = False  # the rows to train on vary from step to step
+    shares_sampling_stream = False  # each rank draws its own seeds and actions
     stat_keys = ("loss", "pg_loss", "kl", "clip_frac", "entropy")
 
     def __init__(self, algo: GRPOConfig) -> None:
@@ -92,6 +94,7 @@ class PPOLearner:
 
     uses_value_head = True
     fixed_total = True  # rollout_steps x num_envs rows every step
+    shares_sampling_stream = True  # ranks step their share of one rollout (`episodes.run_steps`)
     stat_keys = ("loss", "pg_loss", "value_loss", "kl", "clip_frac", "entropy")
 
     def __init__(self, algo: PPOConfig) -> None:
@@ -104,7 +107,9 @@ class PPOLearner:
         a = self.algo
         adv, returns = gae(exp.rewards, exp.values, exp.next_values, exp.terminated, exp.ended, a.gamma, a.gae_lambda)
         adv, returns = adv.reshape(-1), returns.reshape(-1)  # [T * M] t-major, as the rows
-        b = _rows(exp, torch.arange(len(adv)), normalize(adv) if a.normalize_advantages else adv, device)
+        if a.normalize_advantages:
+            adv = normalize(adv, moments=_moments_over_ranks(adv) if get_world_size() > 1 else None)
+        b = _rows(exp, torch.arange(len(adv)), adv, device)
         b.old_values, b.returns = exp.values.reshape(-1).to(device), returns.to(device)
         return b
 
@@ -119,6 +124,17 @@ class PPOLearner:
                                b.returns[part], entropy, a.clip_eps, a.value_clip_eps, a.vf_coef, a.ent_coef)
         kl_mean = kl.mean()
         return loss + a.kl_coef * kl_mean, {**stats, "kl": kl_mean.item()}
+
+
+def _moments_over_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mean, std)` (unbiased) of `x` `[n]` over every rank's rows: the moments one process
+    holding all the rows would use."""
+    acc = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(x.numel()))]).double()  # [3]
+    torch.distributed.all_reduce(acc)
+    total, squares, n = acc.tolist()
+    mean = total / n
+    std = math.sqrt(max(squares - n * mean * mean, 0.0) / max(n - 1.0, 1.0))
+    return torch.tensor(mean, dtype=x.dtype), torch.tensor(std, dtype=x.dtype)
 
 
 def _kl(dist: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:

@@ -65,8 +65,16 @@ class ActorPolicy:
         return dist, self.value_head(state.to(self.value_head.weight.dtype)).float()[:, 0]  # [N, A, K], [N]
 
 
-def gumbel_sample(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """`[...]` indices drawn from `logp` `[..., K]` with Gumbel noise from a CPU `generator`
-    (the same draws on any device, so a run's sampling state saves and restores exactly)."""
-    u = torch.rand(logp.shape, generator=generator).clamp_(1e-9, 1.0 - 1e-9).to(logp.device)
+def gumbel_sample(logp: torch.Tensor, generator: torch.Generator, rows: slice | None = None,
+                  total_rows: int | None = None) -> torch.Tensor:
+    """`[N, ...]` indices drawn from `logp` `[N, ..., K]` with Gumbel noise from a CPU `generator`
+    (the same draws on any device, so a run's sampling state saves and restores exactly).
+
+    With `rows` and `total_rows` (ranks that share one stream), the noise is drawn for all
+    `total_rows` rows and rows `rows` of it are used: every rank's generator stays in step and
+    the rows together are the draws of one process.
+    """
+    shape = logp.shape if rows is None else (total_rows, *logp.shape[1:])
+    u = torch.rand(shape, generator=generator)
+    u = (u if rows is None else u[rows]).clamp_(1e-9, 1.0 - 1e-9).to(logp.device)
     return (logp - torch.log(-torch.log(u))).argmax(dim=-1)

@@ -10,6 +10,7 @@ training state `train_state/` (optimizer, step, RNG; apart from the weights),
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -198,6 +199,26 @@ def train(
         parallel.shutdown_distributed()
 
 
+EPISODE_MEANS = ("success_rate", "reward_mean", "episode_len")  # means over a step's finished episodes
+SUMMED = ("episodes", "env_steps", "samples_per_s", "env_steps_per_s")  # every rank's share adds up
+
+
+def reduce_step_stats(stats: dict[str, float]) -> dict[str, float]:
+    """A step's metrics over all ranks (unchanged in one process): counts and rates summed,
+    per-episode means weighted by each rank's finished episodes (a rank whose rollout ended
+    no episode counts for nothing, rather than making the mean NaN), the rest averaged."""
+    if parallel.get_world_size() == 1:
+        return parallel.reduce_metrics(stats)
+    n = stats.get("episodes", 1.0)
+    weighted = {k: 0.0 if n == 0 or math.isnan(stats[k]) else stats[k] * n for k in EPISODE_MEANS if k in stats}
+    summed = parallel.reduce_metrics({**weighted, **{k: stats[k] for k in SUMMED if k in stats}}, "sum")
+    out = parallel.reduce_metrics({k: v for k, v in stats.items() if k not in weighted and k not in SUMMED})
+    episodes = summed.get("episodes", float(parallel.get_world_size()))
+    for k in weighted:
+        out[k] = summed[k] / episodes if episodes else float("nan")
+    return {**out, **{k: summed[k] for k in SUMMED if k in summed}}
+
+
 def _quiet(message: str) -> None:
     """The `log` of ranks other than 0."""
 
@@ -228,7 +249,8 @@ def _session(run_cfg: RunConfig, out: str, in_place: bool, log, device: torch.de
     if learner.uses_value_head:
         attach_value_head(model, run_cfg, task.family)
     reference = Reference(model, run_cfg.actor.model.mode)  # full mode copies the plain model
-    model = parallel.wrap_actor(model, cfg.distributed)  # FSDP2 in place, or the DDP wrapper
+    heads = [VALUE_HEAD] if learner.uses_value_head else []  # called on the hidden states, outside forward
+    model = parallel.wrap_actor(model, cfg.distributed, heads)  # FSDP2 in place, or the DDP wrapper
     params = [p for p in model.parameters() if p.requires_grad]
     # The multi-tensor (foreach) AdamW: a few kernels for all parameters instead of a loop
     # over them. Not `fused=True`: on CPU (torch 2.13) the fused kernel updates the
@@ -236,7 +258,9 @@ def _session(run_cfg: RunConfig, out: str, in_place: bool, log, device: torch.de
     # stacked-A cache and merged()'s exact store rely on (a stale cache changed the policy).
     optimizer = torch.optim.AdamW(params, lr=algo.lr, weight_decay=algo.weight_decay, foreach=True)
     seeds = RunSeeds(cfg.seed, parallel.get_rank())
-    generator = seeds.generator("sampling")  # this rank's scenes and actions
+    # This rank's scenes and actions; a learner whose ranks step shares of one rollout (PPO)
+    # draws them from rank 0's stream on every rank.
+    generator = (RunSeeds(cfg.seed) if learner.shares_sampling_stream else seeds).generator("sampling")
     seeds.seed_global()  # dropout and anything else on torch's default generator
     task.fixed_shapes = cfg.compile  # a compiled actor sees one shape: it compiles once
     session = Session(run_cfg, model, model, task, optimizer, generator, reference, device, out, learner=learner)
@@ -296,8 +320,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                 stats = rl_step(session.model, policy, session.learner, session.task, session.reference,
                                 session.optimizer, session.run_cfg, session.generator, session.device,
                                 fixed_rows=cfg.compile)
-                stats = parallel.reduce_metrics(stats)  # means over ranks
-                stats["samples_per_s"] *= parallel.get_world_size()  # all ranks' samples
+                stats = reduce_step_stats(stats)  # over ranks
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
                           **getattr(session.task, "levels", {}),
                           "lr": session.optimizer.param_groups[0]["lr"]}

@@ -524,3 +524,83 @@ def test_builds_are_identical_and_adapters_non_zero():
     a, b = W.build("tiny"), W.build("tiny")
     for (_, la), (_, lb) in zip(iter_lora_layers(a), iter_lora_layers(b)):
         assert torch.equal(la.lora_B.weight, lb.lora_B.weight) and la.lora_B.weight.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- PPO on 2 ranks
+
+
+def _ppo_config(path: Path, out_dir: Path, base_dir: Path, mode: str, **runner) -> Path:
+    """A toy BabyAI PPO run (4 environments: 2 a rank under torchrun) written to `path`."""
+    import yaml
+    from support.tiny_episodic import tiny_episodic_raw
+
+    algo = {"name": "ppo", "rollout_steps": 8, "update_epochs": 2, "minibatches": 1, "lr": 1e-2, "kl_coef": 0.01,
+            "lr_schedule": "constant"}
+    raw = tiny_episodic_raw(out_dir, base_dir, algorithm=algo, steps=3)
+    raw["runner"].update(distributed=mode, **runner)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter" / ADAPTER_WEIGHTS_NAME))
+
+
+@pytest.fixture(scope="module")
+def ppo_one_process(tmp_path_factory) -> tuple[Path, Path]:
+    """3 PPO steps in one process with 4 environments, and the base folder it built."""
+    from lora_runtime.cli import main
+
+    root = tmp_path_factory.mktemp("ppo")
+    out, base = root / "one", root / "base"
+    with isolated():
+        assert main(["train", str(_ppo_config(root / "one.yaml", out, base, "none"))]) == 0
+    return out, base
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ppo_on_two_ranks_equals_one_process(tmp_path, ppo_one_process, mode):
+    """PPO with its value head on 2 ranks (each stepping 2 of the 4 environments, drawing the
+    seeds and sampling noise of all 4 from the shared stream) trains what one process with
+    the 4 environments trains: the same rollouts (returns, episode counts: exact), losses and
+    adapter + value head to float rounding (gradients averaged over ranks, advantages
+    normalised with every rank's moments)."""
+    one, base = ppo_one_process
+    out = tmp_path / mode
+    rc, log = torchrun(["-m", "lora_runtime.cli", "train", str(_ppo_config(tmp_path / "c.yaml", out, base, mode))])
+    assert rc == 0, log[-6000:]
+    assert "2 environments" in log  # each rank steps its share
+    ranks, single = compared(out), compared(one)
+    assert [r["step"] for r in ranks] == [1, 2, 3]
+    for a, b in zip(ranks, single):
+        for key in ("episodes", "env_steps", "success_rate", "reward_mean", "episode_len"):
+            assert a[key] == pytest.approx(b[key], rel=1e-12, nan_ok=True), (key, a[key], b[key])
+        for key in ("loss", "pg_loss", "value_loss", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+    assert sum(r["episodes"] for r in single) > 0
+    theirs, ours = _adapter_tensors(out), _adapter_tensors(one)
+    assert sorted(theirs) == sorted(ours) and any("value_head" in k for k in ours)
+    for key in ours:
+        torch.testing.assert_close(theirs[key], ours[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert not torch.equal(ours["base_model.model.value_head.weight"], torch.zeros_like(ours["base_model.model.value_head.weight"]))
+
+
+def test_ppo_under_torchrun_continues_in_place_bit_for_bit(tmp_path, ppo_one_process):
+    """FSDP2 PPO: 3 straight steps == 2 steps, then 1 more continued from the adapter (value
+    head included) and the training state, bit for bit."""
+    _, base = ppo_one_process
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    for i, (out, steps, extra) in enumerate(((straight, 3, {}), (run, 2, {}), (run, 1, {"overwrite": True}))):
+        cfg = _ppo_config(tmp_path / f"c{i}.yaml", out, base, "fsdp", **extra)
+        args = ["-m", "lora_runtime.cli", "train", str(cfg), "--set", f"runner.steps={steps}"]
+        if i == 2:
+            args += ["--set", f"actor.model.lora_path={run / 'adapter'}"]
+        rc, log = torchrun(args)
+        assert rc == 0, log[-6000:]
+    assert "(optimizer, RNG) at step 2" in log
+    timed = ("rollout_s", "env_steps_per_s")
+    assert [{k: v for k, v in r.items() if k not in timed} for r in compared(run)] == [
+        {k: v for k, v in r.items() if k not in timed} for r in compared(straight)]
+    assert (run / "adapter" / ADAPTER_WEIGHTS_NAME).read_bytes() == (straight / "adapter" / ADAPTER_WEIGHTS_NAME).read_bytes()

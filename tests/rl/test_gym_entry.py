@@ -65,12 +65,29 @@ def test_entry_form_and_cli_exit_status(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_distributed_multi_step_runs_are_refused(tmp_path):
-    raw = tiny_episodic_raw(tmp_path / "run", tmp_path / "base", distributed="ddp")
+def test_distributed_grpo_on_multi_step_tasks_is_refused_and_ppo_is_not(tmp_path):
+    """GRPO's whole episodes differ in length between ranks: refused, naming PPO as the way;
+    PPO's fixed-length rollouts pass the check (tests/parallel: its 2-rank parity)."""
     from lora_runtime.rl.builtin_base import check_task
 
-    with pytest.raises(ConfigError, match=r"runner.distributed='ddp' is not supported with task.kind: babyai"):
+    raw = tiny_episodic_raw(tmp_path / "run", tmp_path / "base", distributed="ddp")
+    with pytest.raises(ConfigError, match=r"runner.distributed='ddp' is not supported with task.kind: babyai and "
+                                          r"algorithm.name: grpo.*use algorithm.name: ppo"):
         check_task(validate_config(raw))
+    ppo = tiny_episodic_raw(tmp_path / "run", tmp_path / "base", distributed="fsdp", algorithm={"name": "ppo"})
+    check_task(validate_config(ppo))
+
+
+def test_environments_that_do_not_split_over_the_ranks_are_refused(tmp_path, monkeypatch):
+    from lora_runtime.rl.models import build_tiny_vla
+    from lora_runtime.rl.tasks import episodic
+    from lora_runtime.rl.tasks.registry import build_task
+
+    run_cfg = validate_config(tiny_episodic_raw(tmp_path / "run", tmp_path / "base", task={"num_envs": 5},
+                                                distributed="ddp", algorithm={"name": "ppo"}))
+    monkeypatch.setattr(episodic, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"task.num_envs=5 cannot be split over 2 ranks; use a multiple of 2"):
+        build_task(run_cfg, build_tiny_vla(run_cfg.actor.builtin))
 
 
 def test_the_console_script_finds_an_entry_module_in_the_working_directory(tmp_path):

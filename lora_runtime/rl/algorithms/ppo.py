@@ -48,8 +48,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, 
     return advantages, advantages + values
 
 
-def normalize(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """`(A - mean) / (std + eps)` over the batch (a single row is returned centred at 0)."""
+def normalize(advantages: torch.Tensor, eps: float = 1e-8, moments: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+    """`(A - mean) / (std + eps)` over the batch (a single row is returned centred at 0).
+
+    Args:
+        advantages: `[n]`.
+        eps: added to the standard deviation.
+        moments: `(mean, std)` to use instead of the batch's own (e.g. over every rank's rows).
+    """
+    if moments is not None:
+        return (advantages - moments[0]) / (moments[1] + eps)
     if advantages.numel() < 2:
         return advantages - advantages.mean()
     return (advantages - advantages.mean()) / (advantages.std() + eps)

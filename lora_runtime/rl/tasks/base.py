@@ -68,6 +68,7 @@ class Task:
     section: ClassVar[type[TaskSection]]
     builtin_prefix: ClassVar[str] = "tiny-vla"  # the cached built-in base's folder name starts with it
     splits_over_ranks: ClassVar[bool] = True
+    split_hint: ClassVar[str] = "runner.distributed: none"
     held_out_eval: ClassVar[bool] = False
     steps_environments: ClassVar[bool] = False
 
@@ -85,12 +86,17 @@ class Task:
         """
         if run_cfg.algorithm.name == "ppo" and not cls.steps_environments:
             raise ConfigError(cls._no_steps())
-        if not cls.splits_over_ranks and run_cfg.runner.distributed != "none":
+        if not cls.splits(run_cfg) and run_cfg.runner.distributed != "none":
             raise ConfigError(
                 f"runner.distributed={run_cfg.runner.distributed!r} is not supported with task.kind: "
-                f"{run_cfg.task.kind}: ranks play rollouts of different lengths, so their collectives would not "
-                "line up; use runner.distributed: none"
+                f"{run_cfg.task.kind} and algorithm.name: {run_cfg.algorithm.name}: ranks play rollouts of different "
+                f"lengths, so their collectives would not line up; use {cls.split_hint}"
             )
+
+    @classmethod
+    def splits(cls, run_cfg: RunConfig) -> bool:
+        """Whether this run's rollouts split over torchrun ranks (`splits_over_ranks` by default)."""
+        return cls.splits_over_ranks
 
     @classmethod
     def builtin_model(cls, run_cfg: RunConfig) -> nn.Module:

@@ -253,18 +253,24 @@ class Steps:
 def run_steps(task: EpisodicTask, policy: ActorPolicy, steps: int, generator: torch.Generator) -> Steps:
     """Steps every environment `steps` times with the sampled policy and its value head.
 
-    Every environment starts from a reset with a fresh training seed from `generator`; one
-    that ends is reset at once with the next seed (so the rollout is reproducible and a run
-    resumes exactly). The model always sees all `M` environments (fixed shapes). A truncated
+    Every environment starts from a reset with a fresh training seed; one that ends is reset
+    at once with the next seed of its own stream (seeded from `generator` at the rollout's
+    start), so the rollout is reproducible and a run resumes exactly. Under torchrun each rank
+    steps environments `task.env_rows` of `task.global_num_envs`, drawing the seeds and
+    sampling noise of all of them from the shared `generator` and keeping its own: N ranks
+    play exactly the rollout of one process. The model always sees all `M` environments
+    (fixed shapes). A truncated
     episode gets the value of its final observation for its bootstrap (one more forward on
     `M` rows at a step where any episode is truncated); the last step is bootstrapped from
     the next observation.
     """
     start = time.perf_counter()
     envs, m = task.env.envs, task.num_envs
+    rows, total = task.env_rows, task.global_num_envs
     device = policy.action_ids.device
+    streams = [torch.Generator().manual_seed(s) for s in draw_seeds(generator, total)[rows]]  # one per environment
     with quiet():
-        obs = [env.reset(seed=s)[0] for env, s in zip(envs, draw_seeds(generator, m))]
+        obs = [env.reset(seed=draw_seeds(g, 1)[0])[0] for env, g in zip(envs, streams)]
     previous = np.full(m, -1, dtype=np.int64)
     ep_ret, ep_len = np.zeros(m), np.zeros(m, dtype=np.int64)
     parts, acts, logps, values = [], [], [], []
@@ -280,7 +286,7 @@ def run_steps(task: EpisodicTask, policy: ActorPolicy, steps: int, generator: to
 
     for t in range(steps):
         x, logp, value = evaluate(obs, previous)
-        choice = gumbel_sample(logp, generator)  # [M]
+        choice = gumbel_sample(logp, generator, rows, total)  # [M]
         parts.append(x)
         acts.append(choice)
         logps.append(logp.gather(-1, choice[:, None])[:, 0])
@@ -303,7 +309,7 @@ def run_steps(task: EpisodicTask, policy: ActorPolicy, steps: int, generator: to
             lengths.append(int(ep_len[i]))
             ep_ret[i], ep_len[i], previous[i] = 0.0, 0, -1
             with quiet():
-                obs[i] = envs[i].reset(seed=draw_seeds(generator, 1)[0])[0]
+                obs[i] = envs[i].reset(seed=draw_seeds(streams[i], 1)[0])[0]
     bootstrap = evaluate(obs, previous)[2]  # [M] the states after the last step
     values_t = torch.stack(values)  # [T, M]
     next_values = torch.cat([values_t[1:], bootstrap[None]])  # [T, M] the next step's value ...

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_runtime.config import ConfigError, EpisodicSection, RunConfig
+from lora_runtime.parallel import get_world_size, rank_slice
 from lora_runtime.rl.models import BOS, PAD, ModelFamily, ModelInputs
 from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.supervised import fit
@@ -84,7 +85,8 @@ class EpisodicTask(Task):
     """
 
     section = EpisodicSection
-    splits_over_ranks = False  # ranks would play episodes of different lengths
+    splits_over_ranks = False  # see `splits`: with PPO only
+    split_hint = "algorithm.name: ppo (fixed-length rollouts) or runner.distributed: none"
     held_out_eval = True
     steps_environments = True
 
@@ -121,6 +123,8 @@ class EpisodicTask(Task):
         self.chance_reward = float("nan")  # the random policy's mean return, set by whoever measures it
         self.levels: dict[str, float] = {}  # reference success rates written into every metrics line
         self.prev_action = prev_action  # the prompt ends with the previous action's token
+        # Under torchrun (PPO) this rank steps environments `env_rows` of `global_num_envs`.
+        self.env_rows, self.global_num_envs = slice(0, num_envs), num_envs
 
     @classmethod
     def environment(cls, run_cfg: RunConfig, image_size: int | None) -> tuple[str, Callable[[], Any], Any]:
@@ -136,13 +140,24 @@ class EpisodicTask(Task):
     def build(cls, run_cfg: RunConfig, model: nn.Module, family: ModelFamily) -> EpisodicTask:
         """The task of `run_cfg.task` for `model`: images for the built-in actor, words otherwise."""
         cls.check(run_cfg)
-        name, make_env, adapter = cls.environment(run_cfg, family.image_size(model))
         t = run_cfg.task
+        if t.num_envs % get_world_size():
+            raise ConfigError(f"task.num_envs={t.num_envs} cannot be split over {get_world_size()} ranks; "
+                              f"use a multiple of {get_world_size()}")
+        name, make_env, adapter = cls.environment(run_cfg, family.image_size(model))
+        envs = rank_slice(t.num_envs)  # this rank's environments (all of them in one process)
         with quiet():
-            task = cls(name, make_env, adapter, t.num_envs, family.vocab_size(model), family.image_size(model),
-                       t.max_episode_steps, t.prev_action, family, t)
+            task = cls(name, make_env, adapter, envs.stop - envs.start, family.vocab_size(model),
+                       family.image_size(model), t.max_episode_steps, t.prev_action, family, t)
         task.prompt_width = family.max_prompt_len(model)
+        task.env_rows, task.global_num_envs = envs, t.num_envs
         return task
+
+    @classmethod
+    def splits(cls, run_cfg: RunConfig) -> bool:
+        """PPO's fixed-length rollouts split over torchrun ranks (each rank steps its share of
+        `task.num_envs`); GRPO's whole episodes do not (their lengths differ between ranks)."""
+        return run_cfg.algorithm.name == "ppo"
 
     @property
     def title(self) -> str:
