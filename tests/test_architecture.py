@@ -29,6 +29,7 @@ LAYERS = (
     ("lora_runtime._fs", 0),
     ("lora_runtime._dist", 0),
     ("lora_runtime._threads", 0),
+    ("lora_runtime._memory", 0),
     ("lora_runtime.ops", 0),
     ("lora_runtime.adapters", 1),
     ("lora_runtime.actor", 2),

@@ -306,9 +306,17 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lora-runtime bench` (see `--help`). Returns the exit status."""
+    """Entry point of `lora-runtime bench` (see `--help`). Returns the exit status.
+
+    `lora-runtime bench time-to-success ...` and `lora-runtime bench rl-loop ...` run the RL
+    benchmarks (`bench.time_to_success`, `bench.rl_loop`) with their own options."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["time-to-success"], ["rl-loop"]):
+        from lora_runtime.bench import rl_loop, time_to_success  # deferred: start-up time
+
+        return {"time-to-success": time_to_success, "rl-loop": rl_loop}[argv[0]].main(argv[1:])
     args = _parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     import torch

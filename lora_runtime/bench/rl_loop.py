@@ -75,8 +75,24 @@ def build(variant: str, base: nn.Module, cfg) -> tuple[nn.Module, nn.Module, _Re
         return model, model, _Reference(model, True)
     model = prepare_actor(copy.deepcopy(base), mc)
     _draw_b([(layer.lora_A, layer.lora_B) for _, layer in iter_lora_layers(model)], 0)
-    forward = compile_actor(model) if variant == "lora_compiled" else model
+    # Compiled: fixed shapes (every forward sees all environments, prompts padded to the
+    # model's width, update chunks padded to one size: `task.fixed_shapes`, `fixed_rows`), as
+    # `runner.compile: true` trains, so it compiles once.
+    forward = compile_actor(model, dynamic=False) if variant == "lora_compiled" else model
     return model, forward, _Reference(model, False)
+
+
+def step(variant: str, run: dict, task, cfg) -> dict:
+    """One trainer step (`rl.loop.rl_step`) of a variant built by `build` (its `model`,
+    `forward`, `ref`, `opt`, `gen`); the compiled variant on fixed shapes."""
+    fixed = variant == "lora_compiled"
+    task.fixed_shapes = fixed
+    try:
+        policy = ActorPolicy(run["forward"], task.family, task.action_ids, cfg.algorithm.temperature, run.get("head"))
+        return rl_step(run["model"], policy, learner_for(cfg.algorithm), task, run["ref"], run["opt"], cfg, run["gen"],
+                       torch.device("cpu"), fixed_rows=fixed)
+    finally:
+        task.fixed_shapes = False
 
 
 def measure(config: str, iterations: int, variants: list[str], threads: int = 1) -> dict:
@@ -97,9 +113,7 @@ def measure(config: str, iterations: int, variants: list[str], threads: int = 1)
             order = variants[i % len(variants):] + variants[: i % len(variants)]
             for v in order:
                 r = runs[v]
-                policy = ActorPolicy(r["forward"], task.family, task.action_ids, cfg.algorithm.temperature)
-                stats = rl_step(r["model"], policy, learner_for(cfg.algorithm), task, r["ref"], r["opt"], cfg, r["gen"],
-                                torch.device("cpu"))
+                stats = step(v, r, task, cfg)
                 r["samples"].append({k: stats[k] for k in ("rollout_s", "train_s", "env_steps", "env_steps_per_s",
                                                             "trained_rows", "success_rate")})
     load = os.getloadavg()

@@ -10,7 +10,6 @@ training state `train_state/` (optimizer, step, RNG; apart from the weights),
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from lora_runtime._fs import (
     write_json_atomic,
     write_text_atomic,
 )
+from lora_runtime._memory import release_free_memory
 from lora_runtime.adapters import iter_lora_layers, trainable_summary, unwrap_model
 from lora_runtime.compile import compile_actor
 from lora_runtime.config import RunConfig, RunnerConfig
@@ -46,6 +46,7 @@ from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.reference import Reference
 from lora_runtime.rl.run_control import Interrupt, catch_signals, num_threads
 from lora_runtime.rl.seeding import RunSeeds
+from lora_runtime.rl.step_metrics import reduce_step_stats
 from lora_runtime.rl.tasks import Task, build_task
 from lora_runtime.rl.train_state import (
     TrainState,
@@ -199,26 +200,6 @@ def train(
         parallel.shutdown_distributed()
 
 
-EPISODE_MEANS = ("success_rate", "reward_mean", "episode_len")  # means over a step's finished episodes
-SUMMED = ("episodes", "env_steps", "samples_per_s", "env_steps_per_s")  # every rank's share adds up
-
-
-def reduce_step_stats(stats: dict[str, float]) -> dict[str, float]:
-    """A step's metrics over all ranks (unchanged in one process): counts and rates summed,
-    per-episode means weighted by each rank's finished episodes (a rank whose rollout ended
-    no episode counts for nothing, rather than making the mean NaN), the rest averaged."""
-    if parallel.get_world_size() == 1:
-        return parallel.reduce_metrics(stats)
-    n = stats.get("episodes", 1.0)
-    weighted = {k: 0.0 if n == 0 or math.isnan(stats[k]) else stats[k] * n for k in EPISODE_MEANS if k in stats}
-    summed = parallel.reduce_metrics({**weighted, **{k: stats[k] for k in SUMMED if k in stats}}, "sum")
-    out = parallel.reduce_metrics({k: v for k, v in stats.items() if k not in weighted and k not in SUMMED})
-    episodes = summed.get("episodes", float(parallel.get_world_size()))
-    for k in weighted:
-        out[k] = summed[k] / episodes if episodes else float("nan")
-    return {**out, **{k: summed[k] for k in SUMMED if k in summed}}
-
-
 def _quiet(message: str) -> None:
     """The `log` of ranks other than 0."""
 
@@ -320,6 +301,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                 stats = rl_step(session.model, policy, session.learner, session.task, session.reference,
                                 session.optimizer, session.run_cfg, session.generator, session.device,
                                 fixed_rows=cfg.compile)
+                release_free_memory()  # resident size flat over iterations of changing sizes (glibc)
                 stats = reduce_step_stats(stats)  # over ranks
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
                           **getattr(session.task, "levels", {}),
