@@ -23,7 +23,7 @@ def _malloc_trim():
     """glibc's `malloc_trim`, or None (another C library, or none found)."""
     name = ctypes.util.find_library("c")
     try:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim")
+        trim = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int

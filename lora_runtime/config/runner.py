@@ -18,6 +18,7 @@ class RunnerConfig(Strict):
     steps: StrictInt = Field(60, ge=1)
     seed: StrictInt = 0
     compile: StrictBool = False
+    rollout_weights: Literal["auto", "unmerged", "merged"] = "unmerged"
     device: str = "cpu"
     num_threads: StrictInt | None = Field(None, ge=1)
     distributed: Literal["none", "fsdp", "ddp"] = "none"

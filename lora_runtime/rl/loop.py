@@ -17,8 +17,11 @@ outputs are dropped before the loss, so the compiled model is traced once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Callable
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -106,18 +109,24 @@ def _logp_gap(dist: torch.Tensor, b: Batch, part: torch.Tensor) -> float:
 
 def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner | PPOLearner, task, reference: Reference,
             optimizer: torch.optim.Optimizer, run_cfg: RunConfig, generator: torch.Generator,
-            device: torch.device, fixed_rows: bool = False) -> dict[str, float]:
+            device: torch.device, fixed_rows: bool = False,
+            rollout_context: Callable[[], ContextManager[None]] = contextlib.nullcontext) -> dict[str, float]:
     """One step: rollouts through `policy`, then `update`; returns the step's metrics.
 
     Args:
         model: the trained module (its trainable parameters are clipped and stepped).
         policy: the actor (or its compiled wrapper) as a policy, with the value head for PPO.
         learner: `learners.learner_for(run_cfg.algorithm)`.
+        rollout_context: the block the rollout runs in (`rollout_weights.RolloutWeights.context`:
+            inside `merged()` when chosen).
     """
     algo = run_cfg.algorithm
     start = time.perf_counter()
     model.eval()
-    exp = learner.collect(task, policy, generator)
+    calls = policy.calls
+    with rollout_context():
+        exp = learner.collect(task, policy, generator)
+    forwards = policy.calls - calls
     train_start = time.perf_counter()
     b = learner.batch(exp, device)
     ref = reference_dists(policy, b, reference) if algo.kl_coef > 0 and len(b) else None  # in eval mode, once
@@ -127,7 +136,7 @@ def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner | PPOLea
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     now = time.perf_counter()
-    return {**exp.stats, **stats, "train_s": now - train_start, "step_time_s": now - start,
+    return {**exp.stats, **stats, "rollout_forwards": forwards, "train_s": now - train_start, "step_time_s": now - start,
             "samples_per_s": exp.samples / (now - start)}
 
 

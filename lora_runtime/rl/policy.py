@@ -55,8 +55,10 @@ class ActorPolicy:
                  value_head: nn.Module | None = None) -> None:
         self.model, self.family, self.action_ids = model, family, action_ids
         self.temperature, self.value_head = temperature, value_head
+        self.calls = 0  # forwards so far (what a rollout costs, for `rollout_weights`)
 
     def __call__(self, inputs: ModelInputs, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.calls += 1
         if self.value_head is None:
             return action_dist(self.model, self.family, inputs, positions, self.action_ids, self.temperature), None
         logits, hidden = self.family.logits_and_hidden(self.model, inputs)  # [N, T, V], [N, T, D]

@@ -44,6 +44,7 @@ from lora_runtime.rl.outputs import (
 )
 from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.reference import Reference
+from lora_runtime.rl.rollout_weights import RolloutWeights, check_rollout_weights, unmerged_only
 from lora_runtime.rl.run_control import Interrupt, catch_signals, num_threads
 from lora_runtime.rl.seeding import RunSeeds
 from lora_runtime.rl.step_metrics import reduce_step_stats
@@ -207,6 +208,7 @@ def _quiet(message: str) -> None:
 def _train(run_cfg: RunConfig, on_step, log, display: Display, device: torch.device) -> RunResult:
     cfg, algo = run_cfg.runner, run_cfg.algorithm
     check_distributed(cfg)
+    check_rollout_weights(run_cfg)
     in_place = continues_in_place(run_cfg)
     out = check_output_dir(cfg.output_dir, cfg.overwrite or in_place)
     world = parallel.get_world_size()
@@ -267,6 +269,12 @@ def _history(out: str, last_step: int | None) -> list[dict[str, Any]]:
     return [r for r in records if last_step is None or r["step"] <= last_step]
 
 
+def _example_forward(session: Session) -> Callable[[], object]:
+    """One forward of the actor on the task's example batch (what `RolloutWeights` times)."""
+    x = session.task.example_inputs().to(session.device)
+    return lambda: session.task.family.logits(session.forward_model, x)
+
+
 def _policy(session: Session) -> ActorPolicy:
     """The actor as the step's policy: through the compiled wrapper when there is one."""
     head = getattr(unwrap_model(session.model), VALUE_HEAD, None)
@@ -288,6 +296,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
     display.start(f"{name} ({session.mode})", cfg.steps, session.start_step + 1)
     records: list[dict[str, Any]] = []
     policy = _policy(session)
+    rollouts = RolloutWeights(session.model, cfg.rollout_weights, unmerged_only(session.run_cfg), log)
     flag = Interrupt(abort_on_repeat=cfg.distributed == "none")
     step = session.start_step
     try:
@@ -300,7 +309,11 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                     group["lr"] = lr_at(session.run_cfg.algorithm, cfg.steps, i)
                 stats = rl_step(session.model, policy, session.learner, session.task, session.reference,
                                 session.optimizer, session.run_cfg, session.generator, session.device,
-                                fixed_rows=cfg.compile)
+                                fixed_rows=cfg.compile, rollout_context=rollouts.context)
+                stats["rollout_merged"] = float(rollouts.merged)
+                if rollouts.choice is None:  # auto: measured once, after the first rollout
+                    session.model.eval()
+                    rollouts.decide(_example_forward(session), int(stats["rollout_forwards"]))
                 release_free_memory()  # resident size flat over iterations of changing sizes (glibc)
                 stats = reduce_step_stats(stats)  # over ranks
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
