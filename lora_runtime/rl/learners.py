@@ -25,6 +25,7 @@ from torch import nn
 from lora_runtime.config import AlgorithmConfig, GRPOConfig, PPOConfig
 from lora_runtime.parallel import get_world_size, share_size
 from lora_runtime.rl.algorithms import group_advantages, grpo_loss, kl_divergence
+from lora_runtime.rl.algorithms.grpo import episode_weights
 from lora_runtime.rl.algorithms.ppo import gae, normalize, ppo_loss
 from lora_runtime.rl.models import ModelInputs
 from lora_runtime.rl.policy import ActorPolicy
@@ -43,6 +44,7 @@ class Batch:
     old_values: torch.Tensor | None = None  # [n] (PPO)
     returns: torch.Tensor | None = None  # [n] value targets (PPO)
     mask: torch.Tensor | None = None  # [n, A] float, the action tokens that count (text); None: all
+    weights: torch.Tensor | None = None  # [n] the rows' loss weights (steps of episodes, GRPO); None: all 1
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -75,7 +77,10 @@ class GRPOLearner:
             keep = torch.arange(len(adv))  # [N] every row (the same rows on every rank)
         else:
             keep = adv.ne(0).nonzero()[:, 0]  # [N'] rows of groups whose returns differ (the others carry no signal)
-        return _rows(exp, keep, adv[keep], device)
+        b = _rows(exp, keep, adv[keep], device)
+        weights = episode_weights(exp.episode.cpu()[keep], self.algo.loss_type)  # [N'] or None
+        b.weights = None if weights is None else weights.to(device)
+        return b
 
     def loss(self, dist: torch.Tensor, values: torch.Tensor | None, b: Batch, part: torch.Tensor,
              ref: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -83,7 +88,8 @@ class GRPOLearner:
         logp = dist.gather(-1, b.actions[part][..., None])[..., 0]  # [n, A]
         kl = _kl(dist, ref)  # [n, A] (after logp: the order autograd sums the gradients in)
         if b.mask is None:
-            return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef)
+            return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef,
+                             row_weights=None if b.weights is None else b.weights[part])
         tokens_per_row = b.mask.sum() / len(b)  # token_mean: over the whole batch's tokens (exact with minibatches: 1)
         return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef,
                          mask=b.mask[part], loss_type=self.algo.loss_type, tokens_per_row=tokens_per_row)

@@ -21,7 +21,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import ContextManager
 
 import torch
 from torch import nn
@@ -110,7 +109,7 @@ def _logp_gap(dist: torch.Tensor, b: Batch, part: torch.Tensor) -> float:
 def rl_step(model: nn.Module, policy: ActorPolicy, learner: GRPOLearner | PPOLearner, task, reference: Reference,
             optimizer: torch.optim.Optimizer, run_cfg: RunConfig, generator: torch.Generator,
             device: torch.device, fixed_rows: bool = False,
-            rollout_context: Callable[[], ContextManager[None]] = contextlib.nullcontext) -> dict[str, float]:
+            rollout_context: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext) -> dict[str, float]:
     """One step: rollouts through `policy`, then `update`; returns the step's metrics.
 
     Args:

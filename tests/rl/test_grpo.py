@@ -198,3 +198,36 @@ def test_update_epochs_above_one_clip(tmp_path):
 
     assert one_step(1)["clip_frac"] == 0.0
     assert one_step(3)["clip_frac"] > 0.1
+
+
+def test_episode_weights_make_the_row_mean_a_mean_over_episodes():
+    """Rows that are steps of episodes of lengths 1, 2 and 5: with `sequence_mean` weights the
+    row mean of any per-row terms equals the mean over episodes of each episode's step mean
+    (float64 reference); `dr_grpo` divides by the longest episode; one row per rollout and
+    `token_mean` need no weights; an unknown loss_type is refused."""
+    from lora_runtime.rl.algorithms.grpo import episode_weights
+
+    episode = torch.tensor([7, 3, 3, 9, 9, 9, 9, 9])
+    terms = torch.randn(8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = episode_weights(episode, "sequence_mean")
+    want = sum(terms[episode == e].mean() for e in (7, 3, 9)) / 3
+    assert torch.allclose((w.double() * terms).mean(), want, rtol=1e-6, atol=0)
+    dr = episode_weights(episode, "dr_grpo")
+    assert torch.allclose((dr.double() * terms).mean(), sum(terms[episode == e].sum() / 5 for e in (7, 3, 9)) / 3,
+                          rtol=1e-6, atol=0)
+    assert episode_weights(episode, "token_mean") is None
+    assert episode_weights(torch.arange(4), "sequence_mean") is None
+    with pytest.raises(ValueError, match="loss_type='seq': expected sequence_mean, token_mean or dr_grpo"):
+        episode_weights(episode, "seq")
+
+
+def test_row_weights_scale_each_rows_surrogate_and_kl():
+    logp = torch.log(torch.tensor([[0.5], [0.25], [0.2]]))
+    old = logp.detach().clone()
+    adv, kl = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([[0.1], [0.2], [0.4]])
+    w = torch.tensor([3.0, 0.0, 0.5])
+    loss, stats = grpo.grpo_loss(logp, old, adv, kl, 0.2, 0.5, row_weights=w)
+    # ratio 1: surrogate = adv; loss = -mean(w * adv) + 0.5 * mean(w * kl)
+    assert stats["pg_loss"] == pytest.approx(-(3.0 * 1.0 + 0.0 + 0.5 * 0.5) / 3)
+    assert stats["kl"] == pytest.approx((0.3 + 0.0 + 0.2) / 3)
+    assert loss.item() == pytest.approx(stats["pg_loss"] + 0.5 * stats["kl"])

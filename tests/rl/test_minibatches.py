@@ -79,13 +79,17 @@ class Setup:
 
 def one_step_per_epoch(s: Setup) -> tuple[dict[str, torch.Tensor], int]:
     """The update before `algorithm.minibatches`, written out: every epoch, one AdamW step on
-    the mean clipped-surrogate + KL loss over all kept steps (fewer than 512 here: one pass)."""
+    the clipped-surrogate + KL loss over all kept steps, each episode's steps weighted
+    `(N / E) / L_e` (GRPO's sequence mean over episodes; fewer than 512 rows here: one pass)."""
     cfg = s.cfg.algorithm
     eps = collect_groups(s.model, s.task, cfg.batch_size, cfg.group_size, cfg.temperature, s.generator)
     adv = group_advantages(eps.returns, cfg.group_size)[eps.episode]  # [S]
     keep = adv.ne(0).nonzero()[:, 0]  # [S']
     obs, actions, old_logp, adv = eps.obs.select(keep), eps.actions[keep], eps.logp[keep], adv[keep]
     ids, last = s.task.action_ids, (obs.lengths - 1)[:, None]  # [K], [S', 1]
+    episodes = eps.episode[keep].tolist()
+    lengths = {e: episodes.count(e) for e in set(episodes)}
+    weights = (len(keep) / len(lengths)) / torch.tensor([float(lengths[e]) for e in episodes])  # [S']
 
     def dists(m):  # [S', 1, K] the library's log-probs at the action position (tested in test_grpo)
         return action_dist(m, s.task.family, obs, last, ids, cfg.temperature)
@@ -97,7 +101,7 @@ def one_step_per_epoch(s: Setup) -> tuple[dict[str, torch.Tensor], int]:
         dist = dists(s.model)
         logp = dist.gather(-1, actions[:, None, None])[..., 0]  # [S', 1]
         kl = grpo.kl_divergence(dist, ref)  # [S', 1]
-        loss, _ = grpo.grpo_loss(logp, old_logp[:, None], adv, kl, cfg.clip_eps, cfg.kl_coef)
+        loss, _ = grpo.grpo_loss(logp, old_logp[:, None], adv, kl, cfg.clip_eps, cfg.kl_coef, row_weights=weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.params, cfg.max_grad_norm)
         s.optimizer.step()

@@ -61,9 +61,9 @@ def test_auto_keeps_merged_only_when_the_rollout_is_cheaper(monkeypatch, t_merge
     assert weights.choice is None
     weights.decide(lambda: None, 64)
     assert weights.choice == choice and weights.merged == (choice == "merged")
-    assert lines == [f"rollouts: {choice} weights (measured: forward 1000.00 ms unmerged, {1e3 * t_merged:.2f} ms merged; "
+    assert lines == [(f"rollouts: {choice} weights (measured: forward 1000.00 ms unmerged, {1e3 * t_merged:.2f} ms merged; "
                      f"merged() enter + leave {1e3 * t_enter_leave:.2f} ms; 64 forwards per rollout: 64000.0 ms vs "
-                     f"{1e3 * (t_enter_leave + 64 * t_merged):.1f} ms)"]
+                      f"{1e3 * (t_enter_leave + 64 * t_merged):.1f} ms)")]
     weights.decide(lambda: None, 64)  # once only
     assert len(lines) == 1
 

@@ -60,6 +60,40 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, loss_type: str,
     raise ValueError(f"loss_type={loss_type!r}: expected sequence_mean, token_mean or dr_grpo")
 
 
+def episode_weights(episode: torch.Tensor, loss_type: str) -> torch.Tensor | None:
+    """`[N]` weights of rows that are steps of multi-step rollouts, so that the mean of the
+    weighted per-row terms is `loss_type`'s mean over the rollouts (as `masked_mean` is over
+    tokens): with `E` rollouts among the `N` rows and `L_e` rows in rollout `e`,
+
+    - "sequence_mean": `w = (N / E) / L_e`: every rollout counts alike, however long;
+    - "token_mean": None (every step alike, the plain row mean);
+    - "dr_grpo": `w = (N / E) / max_e L_e`.
+
+    Without the weights a long episode counts `L_e` times: with group-relative advantages
+    (which sum to zero over a group) a group whose failed or slow episodes are the longest
+    then pushes down more taken actions than it pushes up, and the policy's entropy rises
+    (measured on BabyAI-GoToObj: 0.51 -> 0.72 over 30 steps, with sampled success falling).
+
+    Args:
+        episode: `[N]` long, the rollout of each row.
+        loss_type: as `masked_mean`.
+
+    Returns:
+        `[N]` float32 weights, or None where they would all be 1 (one row per rollout, or token_mean).
+    """
+    if loss_type not in ("sequence_mean", "token_mean", "dr_grpo"):
+        raise ValueError(f"loss_type={loss_type!r}: expected sequence_mean, token_mean or dr_grpo")
+    if loss_type == "token_mean" or len(episode) == 0:
+        return None
+    _, index, lengths = torch.unique(episode, return_inverse=True, return_counts=True)  # [N], [E]
+    if bool((lengths == 1).all()):
+        return None
+    scale = len(episode) / len(lengths)
+    if loss_type == "sequence_mean":
+        return (scale / lengths.float())[index]  # [N]
+    return torch.full((len(episode),), scale / float(lengths.max()))
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -70,6 +104,7 @@ def grpo_loss(
     mask: torch.Tensor | None = None,
     loss_type: str = "sequence_mean",
     tokens_per_row: torch.Tensor | float | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate plus a KL penalty, averaged over samples and action tokens.
 
@@ -87,6 +122,8 @@ def grpo_loss(
         loss_type: "sequence_mean", "token_mean" or "dr_grpo" (see `masked_mean`).
         tokens_per_row: token_mean's divisor per row (the batch's tokens / rows); None:
             this batch's own.
+        row_weights: `[N]` weights of the rows' terms (`episode_weights`: rows that are
+            steps of longer rollouts), or None (all 1).
 
     Returns:
         `(loss, {"pg_loss", "kl", "clip_frac"})`.
@@ -94,6 +131,8 @@ def grpo_loss(
     ratio = torch.exp(logp - old_logp)  # [N, A]
     adv = advantages[:, None]  # [N, 1]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
+    if row_weights is not None:
+        surrogate, kl = surrogate * row_weights[:, None], kl * row_weights[:, None]
     if mask is None:
         pg_loss = -surrogate.mean()
         kl_mean = kl.mean()
