@@ -315,3 +315,14 @@ def test_the_cli_synopsis_names_only_real_commands_and_options():
         named = set(re.findall(r"--[a-z][a-z-]*", line.split("#")[0]))
         assert named <= options, (line, sorted(named - options))
     assert seen == set(parsers), sorted(set(parsers) - seen)
+
+
+def test_the_readmes_own_links_lead_to_its_headings():
+    """Every `](#anchor)` link names a heading (GitHub's slugs: lower case, punctuation
+    dropped, spaces to hyphens)."""
+    text = README.read_text(encoding="utf-8")
+    outside_code = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#{1,6} (.+)$", outside_code, flags=re.MULTILINE)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert links and links <= slugs, sorted(links - slugs)
