@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune the actor with GRPO in the config's mode (new / resume / full)",
-                       description="Fine-tune the actor with GRPO on the synthetic reach task. The mode comes "
+    p = sub.add_parser("train", help="fine-tune the actor in the config's mode (new / resume / full)",
+                       description="Fine-tune the actor on the config's task (task.kind: babyai, gym, text, reach) "
+                       "with its algorithm (algorithm.name: grpo or ppo). The mode comes "
                        "from actor.model: is_lora + lora_path null = new adapter, is_lora + lora_path = resume "
                        "that adapter, is_lora false = full fine-tuning. Outputs go to runner.output_dir. "
                        "Ctrl-C (SIGINT) or SIGTERM saves a last checkpoint and exits with status 130 or 143.")

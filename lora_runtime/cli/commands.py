@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from lora_runtime._fs import removed_on_error
 from lora_runtime.adapters import (
     AdapterError,
     apply_and_load_adapter,
@@ -143,9 +144,9 @@ def _merge_base(base: str | None, adapter: str, config: str | None, overrides: S
         return lambda: load_model_folder(base, key="merge --base")
     run_cfg, config = _merge_config(adapter, config, overrides)
 
-    def load() -> nn.Module:
+    def load() -> nn.Module:  # the base the adapter was trained on; a missing one is built in memory
         with prefixed_errors(config):
-            return load_base(run_cfg, log=_log)
+            return load_base(run_cfg, log=_log, cache=False, adapter=adapter)
 
     with prefixed_errors(config):
         if run_cfg.actor.model.model_path is not None:
@@ -179,6 +180,7 @@ def run_merge(adapter: str, out: str, config: str | None, overrides: Sequence[st
         raise AdapterError(f"merge --adapter {adapter!r}: {exc}") from None
     merge_lora(model)
     source = getattr(model, "name_or_path", None)
-    save_model_folder(model, out_abs, merged_from={"base": source, "adapter": os.path.abspath(adapter)})
+    with removed_on_error(out_abs):  # a failed write leaves no new folder (nor new parents)
+        save_model_folder(model, out_abs, merged_from={"base": source, "adapter": os.path.abspath(adapter)})
     print(f"merged {adapter} into the base {source}: wrote {out_abs}/ (config.json + safetensors)")
     return 0

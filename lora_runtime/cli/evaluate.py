@@ -6,7 +6,9 @@ The model is the config's base (`model_path`, or the built-in warm-started base)
 config's `lora_path` adapter when it has one; `--adapter DIR` evaluates that adapter on the
 base instead; `--merged` folds the adapter into the base weights first (`merge_lora`) and
 evaluates the plain merged model. A full-mode run's `model/` is evaluated with
-`--set actor.model.model_path=<run>/model`. Nothing is written but `--json FILE`.
+`--set actor.model.model_path=<run>/model`. The base of an adapter is the one it was trained
+on (`rl.builtin_base`). Nothing is written but `--json FILE`: a built-in base that is not
+there is built in memory.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def evaluate_config(run_cfg: RunConfig, episodes: int | None, adapter: str | Non
     if merged and adapter is None:
         raise UsageError("eval --merged needs an adapter to merge: pass --adapter DIR (or a config with lora_path)")
     with num_threads(run_cfg.runner.num_threads):
-        model = load_base(run_cfg, log=_log)
+        model = load_base(run_cfg, log=_log, cache=False, adapter=adapter)  # the adapter's own base
         task = build_task(run_cfg, model)
         if adapter is not None:
             try:
@@ -99,7 +101,7 @@ def evaluate_demo(runs: Sequence[Any]) -> None:
     if not task_class(new_cfg.task.kind).held_out_eval:
         return
     with num_threads(new_cfg.runner.num_threads):
-        base_task = build_task(new_cfg, load_base(new_cfg, log=_log))
+        base_task = build_task(new_cfg, load_base(new_cfg, log=_log, cache=False))
         rows = [{**base_task.evaluate_random(None), "model": "random policy", "task": base_task.title}]
     rows.append({**evaluate_config(new_cfg, None, None, False), "model": "warm start (base)"})
     for name in ("lora_new", "lora_resume"):

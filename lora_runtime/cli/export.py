@@ -59,7 +59,7 @@ def run_export(config: str, fmt: str, merged: bool, out: str, overrides: Sequenc
         )
     if merged and mc.mode == "full":
         raise UsageError(f"{config}: --merged needs a LoRA adapter, but actor.model.is_lora is false (full mode)")
-    model = build_actor(run_cfg, log=lambda m: print(m, file=sys.stderr)).eval()
+    model = build_actor(run_cfg, log=lambda m: print(m, file=sys.stderr), cache_base=False).eval()
     module, inputs = example_inputs(run_cfg, model)
     if fmt == "torchscript":
         export_torchscript(module, inputs, path, method=family_of(model).export_method, merged=merged)

@@ -26,10 +26,13 @@ from lora_runtime.rl.seeding import RunSeeds
 from lora_runtime.rl.tasks import build_task
 
 
-def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str], None] = print) -> nn.Module:
+def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str], None] = print,
+                cache_base: bool = True) -> nn.Module:
     """Loads the base and applies the mode of `actor.model` with `prepare_actor`.
 
     New adapters are drawn from the "adapter_init" stream of `runner.seed` (`RunSeeds`).
+    `create_base` and `cache_base` are `load_base`'s `create` and `cache` (only `train`
+    writes a built-in base; other commands build a missing one in memory).
 
     Returns:
         The actor: patched with trainable adapters (new / resume) or fully trainable (full).
@@ -53,7 +56,7 @@ def build_actor(run_cfg: RunConfig, create_base: bool = True, log: Callable[[str
             ) from None
         check_adapter_rank(adapter, mc.lora_rank)  # before the base is built, too
     try:
-        model = load_base(run_cfg, create=create_base, log=log)
+        model = load_base(run_cfg, create=create_base, log=log, cache=cache_base)
         build_task(run_cfg, model)  # fail early on a task that does not fit the model
         generator = RunSeeds(run_cfg.runner.seed).generator("adapter_init")
         model = prepare_actor(model, mc, adapter=adapter, generator=generator)
