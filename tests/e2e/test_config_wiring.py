@@ -198,9 +198,9 @@ def test_update_epochs_and_clip_eps_reach_the_loss(tmp_path, base_dir, monkeypat
     seen = []
     real = learners.grpo_loss
 
-    def spy(logp, old_logp, advantages, kl, clip_eps, kl_coef):
+    def spy(logp, old_logp, advantages, kl, clip_eps, kl_coef, **weights):
         seen.append((clip_eps, kl_coef))
-        return real(logp, old_logp, advantages, kl, clip_eps, kl_coef)
+        return real(logp, old_logp, advantages, kl, clip_eps, kl_coef, **weights)
 
     monkeypatch.setattr(learners, "grpo_loss", spy)
     clip = {}
