@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         now = time.perf_counter()
         samples.append({"step": record["step"], "wall_s": now - last[0], "step_time_s": record["step_time_s"],
                         "rss_mib": rss_mib(), "fds": len(os.listdir("/proc/self/fd")), "children": children(),
-                        "success_rate": record.get("success_rate"), "reward_mean": record.get("reward_mean")})
+                        "env_steps": record.get("env_steps"), "success_rate": record.get("success_rate"),
+                        "reward_mean": record.get("reward_mean")})
         last[0] = now
         if record["step"] % 10 == 0:
             s = samples[-1]
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     load_end = loadavg()
     n, i0 = len(samples), min(args.start, len(samples) - 1)
     rss, times = [s["rss_mib"] for s in samples], [s["step_time_s"] for s in samples]
+    # An iteration's work follows its episodes (a policy that succeeds sooner steps less):
+    # time per environment step is the figure that should stay flat.
+    per_env_step = [s["step_time_s"] / s["env_steps"] * 1e3 for s in samples if s["env_steps"]]
     report = {
         "config": args.config, "overrides": args.set, "steps": n, "from": args.start,
         "load_start": load_start, "load_end": load_end,
@@ -93,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         "children_from": samples[i0]["children"], "children_end": samples[-1]["children"],
         "rss_mib_max": max(rss), "samples": samples,
     }
+    if len(per_env_step) == n:
+        report["ms_per_env_step_from"] = window(per_env_step, i0)
+        report["ms_per_env_step_end"] = window(per_env_step, n - 1)
+        report["ms_per_env_step_growth"] = report["ms_per_env_step_end"] / report["ms_per_env_step_from"] - 1
     report["rss_growth"] = report["rss_mib_end"] / report["rss_mib_from"] - 1
     report["step_time_growth"] = report["step_s_end"] / report["step_s_from"] - 1
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
@@ -103,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak {name}: {n} iterations, load {load_start} -> {load_end}\n"
           f"  RSS {report['rss_mib_from']:.0f} MiB at iteration {args.start} -> {report['rss_mib_end']:.0f} MiB at "
           f"{n} ({report['rss_growth']:+.1%}); max {report['rss_mib_max']:.0f} MiB\n"
-          f"  step time {report['step_s_from']:.3f} s -> {report['step_s_end']:.3f} s ({report['step_time_growth']:+.1%})\n"
+          f"  step time {report['step_s_from']:.3f} s -> {report['step_s_end']:.3f} s ({report['step_time_growth']:+.1%})"
+          + (f"; per env step {report['ms_per_env_step_from']:.2f} ms -> {report['ms_per_env_step_end']:.2f} ms "
+             f"({report['ms_per_env_step_growth']:+.1%})" if "ms_per_env_step_growth" in report else "") + "\n"
           f"  open fds {report['fds_from']} -> {report['fds_end']}; child processes {report['children_from']} -> "
           f"{report['children_end']}\n  {path}")
     return 0

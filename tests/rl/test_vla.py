@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -20,7 +22,7 @@ from lora_runtime.adapters import (
 )
 from lora_runtime.adapters.targets import matches_target
 from lora_runtime.config import BuiltinActorConfig, ConfigError
-from lora_runtime.rl.models import load_model_folder, read_model_folder, save_model_folder
+from lora_runtime.rl.models import load_model_folder, read_model_folder, save_model_folder, vla
 from lora_runtime.rl.models.vla import MODEL_TYPE, TinyVLA, build_tiny_vla
 
 SIZES = {
@@ -135,6 +137,42 @@ def test_vit_attention_matches_float64_reference():
     attn = model.vision.blocks[0].attn
     x = torch.randn(2, 4, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(attn(x), _attention_reference(x, attn.qkv, attn.proj, 2), rtol=1e-10, atol=1e-10)
+
+
+def test_gelu_is_the_exact_erf_gelu():
+    """float32 within a few ulps of float64's exact GELU, gradients included."""
+    x64 = torch.linspace(-8, 8, 4001, dtype=torch.float64, requires_grad=True)
+    want = F.gelu(x64)
+    (grad_want,) = torch.autograd.grad(want.sum(), x64)
+    x32 = x64.detach().float().requires_grad_()
+    got = vla.gelu(x32)
+    (grad_got,) = torch.autograd.grad(got.sum(), x32)
+    torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_got.double(), grad_want, rtol=0, atol=2e-6)
+
+
+ONEDNN_SCENARIO = """
+import torch
+from lora_runtime.config import BuiltinActorConfig
+from lora_runtime.rl.models.vla import build_tiny_vla
+torch.manual_seed(0)
+model = build_tiny_vla(BuiltinActorConfig(seed=0, **{sizes!r}))
+for rows, tokens in [(1, 3), (2, 5), (5, 4)]:
+    pixels, ids = torch.rand(rows, 3, 8, 8), torch.randint(0, 24, (rows, tokens))
+    model(pixels, ids).float().sum().backward()
+print("forward and backward done")
+"""
+
+
+def test_forward_and_backward_run_no_onednn_primitive():
+    """oneDNN caches a JIT primitive per input shape (what grew RSS over an RL run); the
+    built-in actor runs none, at any batch shape, forward or backward."""
+    env = {**os.environ, "ONEDNN_VERBOSE": "1", "DNNL_VERBOSE": "1"}
+    run = subprocess.run([sys.executable, "-c", ONEDNN_SCENARIO.format(sizes=SIZES)], capture_output=True,
+                         text=True, env=env, check=True)
+    assert "forward and backward done" in run.stdout
+    executed = [line for line in run.stdout.splitlines() if ",primitive,exec," in line]
+    assert executed == [], executed[:3]
 
 
 def test_lora_paths_are_live_in_the_actor_float64():

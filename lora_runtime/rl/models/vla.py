@@ -23,6 +23,18 @@ from lora_runtime.config import BuiltinActorConfig
 MODEL_TYPE = "lora_runtime_vla"
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU written out in elementwise ops.
+
+    `F.gelu` on a float32 CPU tensor runs oneDNN's eltwise primitive, which is JIT-compiled and
+    cached once per input shape (up to 1024 shapes per process). RL batches change shape every
+    iteration (rollout rows shrink as episodes end, minibatches follow the episodes), so that
+    cache grew resident memory by about 0.15 MiB an iteration (BENCHMARKS.md "Soak"). The same
+    function in elementwise ops caches nothing and costs the same at these sizes.
+    """
+    return x * 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+
+
 class Mlp(nn.Module):
     """`fc1 -> GELU -> fc2` (ViT style)."""
 
@@ -32,7 +44,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -127,7 +139,7 @@ class Projector(nn.Module):
         self.fc3 = nn.Linear(text_dim, text_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.gelu(self.fc2(F.gelu(self.fc1(x)))))
+        return self.fc3(gelu(self.fc2(gelu(self.fc1(x)))))
 
 
 class RMSNorm(nn.Module):
