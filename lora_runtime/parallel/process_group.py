@@ -6,6 +6,7 @@ calls them unconditionally.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -94,8 +95,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
 
 
 def shutdown_distributed() -> None:
-    """Leaves the process group (no-op when there is none)."""
+    """Leaves the process group (no-op when there is none).
+
+    Unreachable objects are collected first, while the group still lives: a DDP wrapper's
+    reducer holds the group, and freed after `destroy_process_group` it would drop the group's
+    last reference while holding the GIL; gloo's destructor then joins worker threads that may
+    need the GIL to free a finished collective's tensors, and the process hangs at exit (seen
+    on a loaded machine with a 2-rank DDP run). Callers hand back the wrapped module, not the
+    wrapper, for the same reason.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lora_runtime.config import AlgorithmConfig, GRPOConfig, PPOConfig
-from lora_runtime.parallel import get_world_size, share_size
+from lora_runtime.parallel import get_world_size, reduce_metrics, share_size
 from lora_runtime.rl.algorithms import group_advantages, grpo_loss, kl_divergence
 from lora_runtime.rl.algorithms.grpo import episode_weights
 from lora_runtime.rl.algorithms.ppo import gae, normalize, ppo_loss
@@ -45,6 +45,7 @@ class Batch:
     returns: torch.Tensor | None = None  # [n] value targets (PPO)
     mask: torch.Tensor | None = None  # [n, A] float, the action tokens that count (text); None: all
     weights: torch.Tensor | None = None  # [n] the rows' loss weights (steps of episodes, GRPO); None: all 1
+    tokens_per_row: float | None = None  # token_mean's divisor per row: every rank's tokens / rows (text)
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -80,6 +81,8 @@ class GRPOLearner:
         b = _rows(exp, keep, adv[keep], device)
         weights = episode_weights(exp.episode.cpu()[keep], self.algo.loss_type)  # [N'] or None
         b.weights = None if weights is None else weights.to(device)
+        if b.mask is not None:  # every rank has as many rows: the mean of the ranks' means is the batch's
+            b.tokens_per_row = reduce_metrics({"tokens_per_row": b.mask.sum() / max(len(b), 1)})["tokens_per_row"]
         return b
 
     def loss(self, dist: torch.Tensor, values: torch.Tensor | None, b: Batch, part: torch.Tensor,
@@ -90,9 +93,9 @@ class GRPOLearner:
         if b.mask is None:
             return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef,
                              row_weights=None if b.weights is None else b.weights[part])
-        tokens_per_row = b.mask.sum() / len(b)  # token_mean: over the whole batch's tokens (exact with minibatches: 1)
+        # token_mean: over the whole batch's tokens, every rank's (exact with minibatches: 1)
         return grpo_loss(logp, b.old_logp[part], b.advantages[part], kl, self.algo.clip_eps, self.algo.kl_coef,
-                         mask=b.mask[part], loss_type=self.algo.loss_type, tokens_per_row=tokens_per_row)
+                         mask=b.mask[part], loss_type=self.algo.loss_type, tokens_per_row=b.tokens_per_row)
 
 
 class PPOLearner:

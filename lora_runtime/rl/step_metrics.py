@@ -9,7 +9,7 @@ from lora_runtime import parallel
 __all__ = ["reduce_step_stats"]
 
 EPISODE_MEANS = ("success_rate", "reward_mean", "episode_len")  # means over a step's finished episodes
-SUMMED = ("episodes", "env_steps", "samples_per_s", "env_steps_per_s")  # every rank's share adds up
+SUMMED = ("episodes", "completions", "env_steps", "samples_per_s", "env_steps_per_s")  # every rank's share adds up
 
 
 def reduce_step_stats(stats: dict[str, float]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lora_runtime import parallel
 from lora_runtime._fs import (
@@ -196,7 +197,10 @@ def train(
         raise UsageError(f"runner.distributed={cfg.distributed!r}: {exc}") from None
     try:
         main = parallel.is_main_process()
-        return _train(run_cfg, on_step, log if main else _quiet, shown if main else Display(), device)
+        result = _train(run_cfg, on_step, log if main else _quiet, shown if main else Display(), device)
+        if isinstance(result.model, DistributedDataParallel):  # the actor, not the wrapper (`shutdown_distributed`)
+            result.model = result.model.module
+        return result
     finally:
         parallel.shutdown_distributed()
 
@@ -241,9 +245,10 @@ def _session(run_cfg: RunConfig, out: str, in_place: bool, log, device: torch.de
     # stacked-A cache and merged()'s exact store rely on (a stale cache changed the policy).
     optimizer = torch.optim.AdamW(params, lr=algo.lr, weight_decay=algo.weight_decay, foreach=True)
     seeds = RunSeeds(cfg.seed, parallel.get_rank())
-    # This rank's scenes and actions; a learner whose ranks step shares of one rollout (PPO)
-    # draws them from rank 0's stream on every rank.
-    generator = (RunSeeds(cfg.seed) if learner.shares_sampling_stream else seeds).generator("sampling")
+    # This rank's scenes and actions; a learner (PPO) or task (text) whose ranks play shares
+    # of one rollout draws them from rank 0's stream on every rank.
+    shared = learner.shares_sampling_stream or task.shares_sampling_stream
+    generator = (RunSeeds(cfg.seed) if shared else seeds).generator("sampling")
     seeds.seed_global()  # dropout and anything else on torch's default generator
     task.fixed_shapes = cfg.compile  # a compiled actor sees one shape: it compiles once
     session = Session(run_cfg, model, model, task, optimizer, generator, reference, device, out, learner=learner)

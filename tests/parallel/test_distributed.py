@@ -6,6 +6,7 @@ global batch. One launch covers every FSDP2 / DDP case, a second one a failing r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,10 +61,31 @@ def torchrun(args: list[str]) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        ranks = _descendants(proc.pid)  # torch elastic starts each rank in a session of its own
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out = "(no output: a process still held the pipe)"
         pytest.fail(f"2-rank run {args} did not end within {LAUNCH_TIMEOUT_S}s:\n{out[-4000:]}")
     return proc.returncode, out
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), deepest last."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+                found += children
+                todo += children
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -604,3 +626,82 @@ def test_ppo_under_torchrun_continues_in_place_bit_for_bit(tmp_path, ppo_one_pro
     assert [{k: v for k, v in r.items() if k not in timed} for r in compared(run)] == [
         {k: v for k, v in r.items() if k not in timed} for r in compared(straight)]
     assert (run / "adapter" / ADAPTER_WEIGHTS_NAME).read_bytes() == (straight / "adapter" / ADAPTER_WEIGHTS_NAME).read_bytes()
+
+
+# ----------------------------------------------------------------------------- text GRPO on 2 ranks
+
+
+def _text_config(root: Path, model: str, out_dir: Path, mode: str) -> Path:
+    """GRPO on the word-level Llama: 4 prompts x 2 completions a step (2 prompts a rank under
+    torchrun), token-mean loss with the KL to the base, 3 steps."""
+    import yaml
+
+    raw = {"actor": {"model": {"is_lora": True, "lora_rank": 4, "model_path": model}},
+           "task": {"kind": "text", "dataset": str(root / "data.jsonl"), "eval_fraction": 0.25,
+                    "reward": [{"function": f"{root / 'my_rewards.py'}:words", "weight": 2.0}], "max_new_tokens": 4},
+           "algorithm": {"batch_size": 4, "group_size": 2, "lr": 3e-2, "kl_coef": 0.05, "loss_type": "token_mean",
+                         "lr_schedule": "constant"},
+           "runner": {"output_dir": str(out_dir), "steps": 3, "num_threads": 1, "progress": False, "plot": False,
+                      "distributed": mode}}
+    path = root / f"text-{mode}-{out_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _favour_eos(folder: str) -> None:
+    """Raises the EOS logit by about 2.5 where the last hidden states point (their mean
+    direction), so that completions end at different lengths and ranks finish decoding apart."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    ids = torch.randint(4, 64, (16, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1].reshape(-1, model.config.hidden_size)
+        m = h.mean(0)
+        model.lm_head.weight[model.config.eos_token_id] += 2.5 * m / m.dot(m)
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def text_one_process(tmp_path_factory) -> tuple[Path, str, Path]:
+    """3 text GRPO steps in one process; prompts of 1 to 5 words (ranks pad to the batch's width)."""
+    pytest.importorskip("transformers")
+    from support.text_folders import text_task_folder
+
+    from lora_runtime.cli import main
+
+    root = tmp_path_factory.mktemp("text")
+    rows = [{"prompt": " ".join(f"w{i + j}" for j in range(1 + i % 5)), "answer": f"w{i + 1 + i % 5}"}
+            for i in range(32)]
+    model = text_task_folder(root, rows)
+    _favour_eos(model)
+    out = root / "one"
+    with isolated():
+        assert main(["train", str(_text_config(root, model, out, "none"))]) == 0
+    return root, model, out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_text_grpo_on_two_ranks_equals_one_process(tmp_path, text_one_process, mode):
+    """Each rank answers 2 of the step's 4 prompts, drawn with the sampling noise from one
+    shared stream: the ranks sample the completions one process samples (rewards, accuracy,
+    lengths: exact), decode the same number of tokens (the longest completion on any rank),
+    and train the same adapter (token-mean over every rank's tokens; float rounding)."""
+    root, model, one = text_one_process
+    out = tmp_path / mode
+    rc, log = torchrun(["-m", "lora_runtime.cli", "train", str(_text_config(root, model, out, mode))])
+    assert rc == 0, log[-6000:]
+    ranks, single = compared(out), compared(one)
+    assert [r["step"] for r in ranks] == [1, 2, 3]
+    for a, b in zip(ranks, single):
+        assert a["completions"] == b["completions"] == 8  # 4 + 4 over the ranks, not 8 on each
+        for key in ("reward_mean", "accuracy", "completion_len", "reward/words"):
+            assert a[key] == pytest.approx(b[key], rel=1e-12), (key, a[key], b[key])
+        for key in ("loss", "pg_loss", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+    lengths = [r["completion_len"] for r in single]
+    assert len({r["reward_mean"] for r in single}) > 1 and min(lengths) < 4, lengths  # EOS ended some early
+    theirs, ours = _adapter_tensors(out), _adapter_tensors(one)
+    assert sorted(theirs) == sorted(ours)
+    for key in ours:
+        torch.testing.assert_close(theirs[key], ours[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import yaml
+from support.text_folders import text_task_folder, word_llama_folder
 
 from lora_runtime.cli import main
 from lora_runtime.config import validate_config
@@ -17,44 +18,6 @@ from lora_runtime.rl.algorithms.grpo import grpo_loss
 from lora_runtime.rl.outputs import read_metrics
 
 pytest.importorskip("transformers")
-
-REWARDS = '''
-def words(prompts, completions, answer, **kw):
-    """The share of the completion's words that are the answer word (a shaped reward)."""
-    return [sum(w == a for w in c.split()) / 4 for c, a in zip(completions, answer)]
-
-def boom(prompts, completions, **kw):
-    raise ValueError("the grader is down")
-
-CALLS = []
-
-def later(prompts, completions, **kw):
-    """Fine on the checks (2 completions) and the first step; raises on the second step."""
-    if len(completions) > 2:
-        CALLS.append(1)
-        if len(CALLS) == 2:
-            raise RuntimeError("the grader went away")
-    return [float(len(c)) for c in completions]
-'''
-
-
-def causal_lm_folder(folder: str, dtype: torch.dtype = torch.float32) -> str:
-    """A 2-layer Llama (64 words, context 64) with a WordLevel tokenizer over `w0 .. w59`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(60)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(dtype).eval().save_pretrained(folder)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(folder)
-    return folder
-
 
 # --- the loss -----------------------------------------------------------------------------
 
@@ -120,11 +83,8 @@ def test_without_a_mask_the_loss_is_the_old_mean():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
-    model = causal_lm_folder(str(root / "llama"))
     rows = [{"prompt": f"w{i} w{i + 1} w{i + 2}", "answer": f"w{i + 3}"} for i in range(24)]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "my_rewards.py").write_text(REWARDS)
-    return root, model
+    return root, text_task_folder(root, rows)
 
 
 def _raw(root, model, out, mode="new", lora_path=None, **over):
@@ -190,7 +150,7 @@ def test_eval_answers_the_held_out_prompts_greedily(folder, tmp_path, capsys):
 
 def test_bf16_base_keeps_bf16_with_float32_adapters(folder, tmp_path):
     root, _ = folder
-    model = causal_lm_folder(str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    model = word_llama_folder(str(tmp_path / "bf16"), dtype=torch.bfloat16)
     from lora_runtime.adapters import iter_lora_layers
     from lora_runtime.rl.actor_builder import build_actor
     from lora_runtime.rl.tasks import build_task
@@ -221,16 +181,6 @@ def test_bad_input_is_refused_before_training(folder, tmp_path, capsys, over, me
     assert not (tmp_path / "run").exists()
 
 
-def test_distributed_is_refused_up_front(folder, tmp_path):
-    from lora_runtime.config import ConfigError
-    from lora_runtime.rl.tasks import task_class
-
-    root, model = folder
-    cfg = validate_config(_raw(root, model, tmp_path / "run", runner__distributed="fsdp"))
-    with pytest.raises(ConfigError, match="runner.distributed='fsdp' is not supported with task.kind: text"):
-        task_class("text").check(cfg)
-
-
 def test_a_raising_reward_is_named_before_training(folder, tmp_path, capsys):
     root, model = folder
     raw = _raw(root, model, tmp_path / "run", task__reward=f"{root / 'my_rewards.py'}:boom")
@@ -255,7 +205,7 @@ def test_a_reward_failing_mid_run_leaves_the_last_complete_save(folder, tmp_path
 
 def test_a_model_folder_without_a_tokenizer_is_named(folder, tmp_path, capsys):
     root, _ = folder
-    model = causal_lm_folder(str(tmp_path / "notok"))
+    model = word_llama_folder(str(tmp_path / "notok"))
     for name in os.listdir(model):
         if name.startswith(("tokenizer", "special_tokens", "chat_template")):
             os.remove(os.path.join(model, name))

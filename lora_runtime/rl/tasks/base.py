@@ -68,6 +68,9 @@ class Task:
     section: ClassVar[type[TaskSection]]
     builtin_prefix: ClassVar[str] = "tiny-vla"  # the cached built-in base's folder name starts with it
     splits_over_ranks: ClassVar[bool] = True
+    # Under torchrun, every rank draws a step's seeds or prompts and its sampling noise from
+    # one shared stream and plays its share (the ranks together play one process's rollout).
+    shares_sampling_stream: ClassVar[bool] = False
     split_hint: ClassVar[str] = "runner.distributed: none"
     held_out_eval: ClassVar[bool] = False
     steps_environments: ClassVar[bool] = False

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_runtime.parallel import get_world_size, reduce_metrics
 from lora_runtime.rl.models import ModelInputs
 from lora_runtime.rl.policy import ActorPolicy, gumbel_sample
 
@@ -29,9 +30,10 @@ class Generation:
     mask: torch.Tensor  # [N, A] float32, 1 for the completion's tokens (its EOS included)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[B, P]` ids left-padded with `pad_id` and their `[B, P]` attention mask."""
-    width = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B, P]` ids left-padded with `pad_id` and their `[B, P]` attention mask; `P` is the
+    longest prompt, or `width` when given (ranks pad their shares as one process pads all)."""
+    width = max(len(p) for p in prompts) if width is None else width
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -55,15 +57,19 @@ def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
 @torch.no_grad()
 def generate(policy: ActorPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
              max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, generator: torch.Generator | None,
-             top_p: float = 1.0, use_cache: bool = True, stop_early: bool = True) -> Generation:
+             top_p: float = 1.0, use_cache: bool = True, stop_early: bool = True, sync_ranks: bool = False,
+             rows: slice | None = None, total_rows: int | None = None) -> Generation:
     """Samples `group_size` completions of each prompt (greedy when `generator` is None).
 
     Args:
         policy: the actor; its `temperature` scales the logits.
         prompt_ids, prompt_mask: `[B, P]` left-padded prompts (`left_pad`), on the actor's device.
         eos_ids: the ids that end a completion.
-        stop_early: stop decoding once every row has ended (False: always `max_new_tokens`
-            forwards, e.g. for ranks that must take the same number of steps).
+        stop_early: stop decoding once every row has ended (False: always `max_new_tokens`).
+        sync_ranks: every torchrun rank generates together (a training rollout): stop once
+            every rank's rows have ended, so that all take the same number of forwards.
+        rows, total_rows: ranks that share one sampling stream: these `N` rows are rows `rows`
+            of `total_rows` (`gumbel_sample`), so the ranks together draw what one process draws.
 
     Returns:
         The completions, rows `i*G ... (i+1)*G - 1` answering prompt `i`.
@@ -88,13 +94,13 @@ def generate(policy: ActorPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.T
         if generator is None:
             token = logp.argmax(dim=-1)
         else:
-            token = gumbel_sample(top_p_filter(logp, top_p), generator)  # [N]
+            token = gumbel_sample(top_p_filter(logp, top_p), generator, rows, total_rows)  # [N]
         alive = ~done
         tokens.append(torch.where(alive, token, pad_id))
         logps.append(torch.where(alive, logp.gather(-1, token[:, None])[:, 0], 0.0))
         masks.append(alive.float())
         done = done | torch.isin(token, eos)
-        if t + 1 == max_new_tokens or (stop_early and bool(done.all())):
+        if t + 1 == max_new_tokens or (stop_early and _all_done(done, sync_ranks)):
             break
         step = tokens[-1][:, None]  # [N, 1]
         mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
@@ -108,6 +114,16 @@ def generate(policy: ActorPolicy, prompt_ids: torch.Tensor, prompt_mask: torch.T
     logps += [torch.zeros(n, device=device)] * pad
     masks += [torch.zeros(n, device=device)] * pad
     return Generation(torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(masks, 1))
+
+
+def _all_done(done: torch.Tensor, sync_ranks: bool) -> bool:
+    """Whether every row has ended (with `sync_ranks`, on every rank: DDP and FSDP2 ranks
+    must take the same number of forwards, FSDP2 gathering the weights in each, so a rank
+    whose rows have all ended decodes on, its rows masked, until the others' have too)."""
+    ended = bool(done.all())
+    if sync_ranks and get_world_size() > 1:
+        return bool(reduce_metrics({"ended": float(ended)}, "min")["ended"])
+    return ended
 
 
 def _last_logits(policy: ActorPolicy, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

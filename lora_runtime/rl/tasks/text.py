@@ -12,8 +12,12 @@ The prompts come from `task.dataset` (JSONL) or, with `dataset: null`, the built
 additions (`text_warm_start.additions`). Held-out prompts (`task.eval_dataset`, or the last
 `task.eval_fraction` of the set) are never trained on; `evaluate` answers them greedily.
 
-Not supported (refused before any work): PPO (a value per token is not implemented) and
-`runner.distributed` (ranks would decode different numbers of tokens).
+Under torchrun (`runner.distributed: ddp | fsdp`) every rank draws the whole step's prompts
+and sampling noise from one shared stream and answers its contiguous share of the prompts
+(padded to the width of the whole batch), decoding until every rank's completions have
+ended: the ranks together sample what one process samples, and take the same forwards.
+
+Not supported (refused before any work): PPO (a value per token is not implemented).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from lora_runtime.adapters import unwrap_model
 from lora_runtime.config import ConfigError, RunConfig, TextSection
+from lora_runtime.parallel import get_world_size, rank_slice
 from lora_runtime.rl.models import ModelFamily, ModelInputs
 from lora_runtime.rl.models.tiny_lm import build_tiny_lm
 from lora_runtime.rl.policy import ActorPolicy
@@ -62,7 +67,7 @@ class TextTask(Task):
     """Prompts, completions sampled with a KV cache, weighted reward functions."""
 
     section = TextSection
-    splits_over_ranks = False
+    shares_sampling_stream = True
     held_out_eval = True
     builtin_prefix: ClassVar[str] = "tiny-lm"
 
@@ -71,9 +76,6 @@ class TextTask(Task):
         if run_cfg.algorithm.name == "ppo":
             raise ConfigError("algorithm.name: ppo is not supported with task.kind: text (no per-token value head "
                               "yet); use algorithm.name: grpo")
-        if run_cfg.runner.distributed != "none":
-            raise ConfigError(f"runner.distributed={run_cfg.runner.distributed!r} is not supported with task.kind: "
-                              "text yet (ranks would decode different numbers of tokens); use runner.distributed: none")
         super().check(run_cfg)
         prompt_sets(run_cfg.task)  # dataset errors before the base is loaded or built
         for spec in run_cfg.task.reward:
@@ -139,11 +141,15 @@ class TextTask(Task):
         return ModelInputs(None, None, ids, mask.sum(1), attention_mask=mask)
 
     def _complete(self, policy: ActorPolicy, rows: list[dict[str, Any]], ids: list[list[int]], group_size: int,
-                  generator: torch.Generator | None):
+                  generator: torch.Generator | None, share: slice | None = None, total: int = 0, width: int | None = None):
+        """Completions of `ids`; under torchrun (`share` of `total` prompts, padded to `width`)
+        this rank's share of one rollout."""
         device = policy.action_ids.device
-        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids, self.pad_id))
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids, self.pad_id, width))
+        rows_of_share = None if share is None else slice(share.start * group_size, share.stop * group_size)
         gen = generate(policy, prompt_ids, prompt_mask, group_size, self.cfg.max_new_tokens, self.eos_ids,
-                       self.pad_id, generator, self.cfg.top_p)
+                       self.pad_id, generator, self.cfg.top_p, sync_ranks=share is not None, rows=rows_of_share,
+                       total_rows=total * group_size if share is not None else None)
         texts = self.tokenizer.batch_decode([t[m.bool()].tolist() for t, m in zip(gen.tokens.cpu(), gen.mask.cpu(),
                                                                                      strict=True)],
                                             skip_special_tokens=True)
@@ -153,18 +159,24 @@ class TextTask(Task):
 
     @torch.no_grad()
     def collect(self, policy: ActorPolicy, num_groups: int, group_size: int, generator: torch.Generator) -> Experience:
-        """`num_groups` training prompts drawn from `generator`, `group_size` completions each."""
+        """`num_groups` training prompts drawn from `generator`, `group_size` completions each
+        (under torchrun: this rank's `num_groups` of the `num_groups x world size` drawn)."""
         start = time.perf_counter()
-        pick = torch.randint(len(self.train_rows), (num_groups,), generator=generator).tolist()
+        world = get_world_size()
+        drawn = torch.randint(len(self.train_rows), (num_groups * world,), generator=generator).tolist()
+        share = rank_slice(len(drawn)) if world > 1 else None
+        pick = drawn if share is None else drawn[share]
         rows = [self.train_rows[i] for i in pick]
+        width = max(len(self.train_ids[i]) for i in drawn)
         prompt_ids, prompt_mask, gen, _, total, each = self._complete(
-            policy, rows, [self.train_ids[i] for i in pick], group_size, generator)
+            policy, rows, [self.train_ids[i] for i in pick], group_size, generator, share, len(drawn), width)
         generate_s = time.perf_counter() - start
         inputs, positions = update_inputs(prompt_ids, prompt_mask, group_size, gen)
         returns = torch.tensor(total)
         stats = {"reward_mean": returns.mean().item(), "reward_std": returns.std().item(),
                  "accuracy": sum(v >= 1.0 for v in each[0]) / len(total),
-                 "completion_len": gen.mask.sum(1).mean().item(), "generate_s": generate_s}
+                 "completion_len": gen.mask.sum(1).mean().item(), "generate_s": generate_s,
+                 "completions": len(total)}  # this rank's (summed over ranks in the step's metrics)
         for r, vals in zip(self.rewards, each, strict=True):
             stats[f"reward/{r.name.rpartition(':')[2]}"] = sum(vals) / len(vals)
         n = len(total)
