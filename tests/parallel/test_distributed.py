@@ -697,8 +697,10 @@ def test_text_grpo_on_two_ranks_equals_one_process(tmp_path, text_one_process, m
         assert a["completions"] == b["completions"] == 8  # 4 + 4 over the ranks, not 8 on each
         for key in ("reward_mean", "accuracy", "completion_len", "reward/words"):
             assert a[key] == pytest.approx(b[key], rel=1e-12), (key, a[key], b[key])
+        assert a["reward_std"] == pytest.approx(b["reward_std"], rel=1e-6)  # the batch's, not a mean of the ranks'
         for key in ("loss", "pg_loss", "kl", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+    assert any(r["reward_std"] > 0 for r in single)
     lengths = [r["completion_len"] for r in single]
     assert len({r["reward_mean"] for r in single}) > 1 and min(lengths) < 4, lengths  # EOS ended some early
     theirs, ours = _adapter_tensors(out), _adapter_tensors(one)

@@ -22,6 +22,7 @@ Not supported (refused before any work): PPO (a value per token is not implement
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -31,7 +32,7 @@ from torch import nn
 
 from lora_runtime.adapters import unwrap_model
 from lora_runtime.config import ConfigError, RunConfig, TextSection
-from lora_runtime.parallel import get_world_size, rank_slice
+from lora_runtime.parallel import get_world_size, rank_slice, reduce_metrics
 from lora_runtime.rl.models import ModelFamily, ModelInputs
 from lora_runtime.rl.models.tiny_lm import build_tiny_lm
 from lora_runtime.rl.policy import ActorPolicy
@@ -61,6 +62,15 @@ def prompt_sets(cfg: TextSection) -> tuple[list[dict[str, Any]], list[dict[str, 
         return rows, load_jsonl(cfg.eval_dataset, "task.eval_dataset"), where
     train, held = split(rows, cfg.eval_fraction)
     return train, held, where
+
+
+def _std_over_ranks(x: torch.Tensor, world: int) -> float:
+    """The (unbiased) std of `x` `[n]` over every rank's values, as one process computes it."""
+    if world == 1:
+        return x.std().item()
+    total = reduce_metrics({"n": len(x), "sum": x.double().sum(), "sq": x.double().square().sum()}, "sum")
+    n = total["n"]
+    return math.sqrt(max(total["sq"] - total["sum"] ** 2 / n, 0.0) / (n - 1)) if n > 1 else float("nan")
 
 
 class TextTask(Task):
@@ -173,7 +183,7 @@ class TextTask(Task):
         generate_s = time.perf_counter() - start
         inputs, positions = update_inputs(prompt_ids, prompt_mask, group_size, gen)
         returns = torch.tensor(total)
-        stats = {"reward_mean": returns.mean().item(), "reward_std": returns.std().item(),
+        stats = {"reward_mean": returns.mean().item(), "reward_std": _std_over_ranks(returns, world),
                  "accuracy": sum(v >= 1.0 for v in each[0]) / len(total),
                  "completion_len": gen.mask.sum(1).mean().item(), "generate_s": generate_s,
                  "completions": len(total)}  # this rank's (summed over ranks in the step's metrics)
