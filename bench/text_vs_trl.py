@@ -9,8 +9,11 @@ a character tokenizer), prompts (`a+b=` with an `answer` column), reward functio
 answer + a shaped share of digits), 1 prompt x 8 completions of up to 8 tokens a step, r = 16
 (alpha 16) on the seven projections, learning rate 1e-3 constant, beta (KL) 0.04, token-mean
 loss (TRL's "dapo"), gradient checkpointing off, seed 0. Each variant runs in its own process
-(its peak RSS is its own). Per step: the whole step, the generation in it, the rest (update);
-the reward of each step. Steps after the first `--warmup` are summarised (median).
+(its peak RSS is its own); the three run at the same time but take their steps in turn
+(`gate`: step k of every variant, then step k + 1 of every variant), so a change in the
+machine's load hits every variant alike and the ratios are those of one interleaved run.
+Per step: the whole step, the generation in it, the rest (update); the reward of each step.
+Steps after the first `--warmup` are summarised (median).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +65,14 @@ def make_inputs(root: str) -> tuple[str, str, str]:
     return model, data, rewards
 
 
+def gate() -> None:
+    """Waits for the parent's turn signal (a line on stdin) between two steps; the time spent
+    here is outside every timed window."""
+    print("READY", flush=True)
+    if not sys.stdin.readline():
+        raise SystemExit("the parent is gone")
+
+
 def _load_rewards(path: str):
     import importlib.util
 
@@ -94,7 +106,7 @@ def run_trl(root: str, steps: int, variant: str) -> dict:
 
         kwargs["peft_config"] = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=SEVEN, task_type="CAUSAL_LM")
     else:
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "rl"))
         from test_text_trl import RuntimeGRPOTrainer  # the shim of docs/trl.md
 
         from lora_runtime.actor import prepare_actor
@@ -117,6 +129,7 @@ def run_trl(root: str, steps: int, variant: str) -> dict:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **kw):
+            gate()
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **kw):
@@ -127,7 +140,8 @@ def run_trl(root: str, steps: int, variant: str) -> dict:
                     **kwargs)
     trainer.train()
     curve = [float(h["reward"]) for h in trainer.state.log_history if "reward" in h]
-    return {"step_s": times, "generate_s": gens[: len(times)], "reward": curve}
+    lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"step_s": times, "generate_s": gens[: len(times)], "reward": curve, "completion_len": lengths}
 
 
 def run_ours(root: str, steps: int) -> dict:
@@ -145,9 +159,15 @@ def run_ours(root: str, steps: int) -> dict:
            "runner": {"output_dir": os.path.join(root, "out_ours"), "overwrite": True, "steps": steps, "seed": 0,
                       "num_threads": 1, "progress": False, "plot": False}}
     records = []
-    train(validate_config(raw), on_step=records.append, log=lambda m: None)
+
+    def on_step(record: dict) -> None:  # after step k (its time taken inside the trainer): wait for step k + 1's turn
+        records.append(record)
+        if len(records) < steps:
+            gate()
+
+    train(validate_config(raw), on_step=on_step, log=lambda m: None)
     return {"step_s": [r["step_time_s"] for r in records], "generate_s": [r["generate_s"] for r in records],
-            "reward": [r["reward_mean"] for r in records],
+            "reward": [r["reward_mean"] for r in records], "completion_len": [r["completion_len"] for r in records],
             "logp_gap_max": max(r["rollout_logp_gap"] for r in records)}
 
 
@@ -164,8 +184,48 @@ def summarise(name: str, out: dict, warmup: int) -> dict:
     step = out["step_s"][warmup:] or out["step_s"]
     gen = out["generate_s"][warmup:] or out["generate_s"]
     upd = [s - g for s, g in zip(step, gen, strict=False)]
+    lengths = out["completion_len"][warmup:] or out["completion_len"]
     return {"variant": name, "step_s": statistics.median(step), "generate_s": statistics.median(gen),
-            "update_s": statistics.median(upd), "peak_rss_mib": round(out["peak_rss_mib"], 1), "per_step": out}
+            "update_s": statistics.median(upd), "completion_len": statistics.mean(lengths), "peak_rss_mib": round(out["peak_rss_mib"], 1), "per_step": out}
+
+
+def run_interleaved(args, variants: list[str]) -> list[dict]:
+    """Starts one child per variant and lets them take their steps in turn (round robin:
+    each child's step runs alone); returns each child's RESULT."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    children = []
+    for variant in variants:
+        cmd = [sys.executable, __file__, "--child", variant, "--root", args.root, "--steps", str(args.steps)]
+        err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed once the child has ended)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        children.append({"variant": variant, "proc": proc, "err": err, "result": None})
+
+    def until_ready(c: dict) -> None:
+        """Reads `c`'s output until it waits for its turn (READY) or has finished (RESULT)."""
+        for line in c["proc"].stdout:
+            if line.startswith("READY"):
+                return
+            if line.startswith("RESULT "):
+                c["result"] = json.loads(line[7:])
+                return
+        c["err"].seek(0)
+        print(c["err"].read()[-3000:], file=sys.stderr)
+        for other in children:
+            other["proc"].kill()
+        raise SystemExit(f"{c['variant']} failed")
+
+    for c in children:  # each loaded and waiting (start-up runs side by side; it is never timed)
+        until_ready(c)
+    while any(c["result"] is None for c in children):
+        for c in children:
+            if c["result"] is None:
+                c["proc"].stdin.write("GO\n")
+                c["proc"].stdin.flush()
+                until_ready(c)
+    for c in children:
+        c["proc"].wait()
+        c["err"].close()
+    return [c["result"] for c in children]
 
 
 def main() -> int:
@@ -182,18 +242,11 @@ def main() -> int:
         return 0
     os.makedirs(args.root, exist_ok=True)
     make_inputs(args.root)
-    rows = []
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--child", variant, "--root", args.root, "--steps", str(args.steps)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        line = next((s for s in done.stdout.splitlines() if s.startswith("RESULT ")), None)
-        if line is None:
-            print(done.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{variant} failed")
-        rows.append(summarise(variant, json.loads(line[7:]), args.warmup))
-        r = rows[-1]
-        print(f"{variant:12s} step {r['step_s']:.4f} s (generate {r['generate_s']:.4f}, update {r['update_s']:.4f}), "
-              f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+    variants = args.variants.split(",")
+    rows = [summarise(v, out, args.warmup) for v, out in zip(variants, run_interleaved(args, variants), strict=True)]
+    for r in rows:
+        print(f"{r['variant']:12s} step {r['step_s']:.4f} s (generate {r['generate_s']:.4f}, update {r['update_s']:.4f}), "
+              f"mean completion {r['completion_len']:.2f} tokens, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     load = os.getloadavg()
     result = {"settings": {"steps": args.steps, "warmup": args.warmup, "lr": LR, "beta": BETA, "group": GROUP,
                            "max_new_tokens": NEW_TOKENS, "rank": RANK, "threads": 1, "loadavg": load},

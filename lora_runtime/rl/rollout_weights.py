@@ -2,7 +2,7 @@
 no-grad op in every patched layer) or `merged()` once per rollout phase (base-model speed
 per forward, for the price of entering and leaving the merge).
 
-`runner.rollout_weights: auto` (the default) decides after the first step: it counts the
+`runner.rollout_weights: auto` decides after the first step: it counts the
 policy's forwards in that step's rollout (`F`), times one forward of the task's example
 batch unmerged (`t_u`) and inside `merged()` (`t_m`) and one enter + leave (`t_e`), and
 keeps `merged` when `t_e + F * t_m < MARGIN * F * t_u`. The choice and its figures are
