@@ -4,7 +4,8 @@
 
 For each variant, the same warm-started built-in base (from CONFIG, default
 configs/lora_new.yaml) gets the same rank-r adapter on the same targets (this runtime's
-fused LoRA, eager or through `compile_actor`, or HF PEFT's `get_peft_model`), with `lora_B`
+fused LoRA, eager or through `compile_actor`, or HF PEFT's `get_peft_model`; `lora_overlap`:
+eager with the environments stepped in a child process, `task.overlap_envs`), with `lora_B`
 drawn non-zero, and runs `N` iterations of the trainer's step (`rl.loop.rl_step`) from the same seed.
 Iterations are interleaved across variants (variant order rotated by one per iteration) so a
 load change on a shared machine hits all of them; the first iteration of each is a warm-up
@@ -27,7 +28,7 @@ from lora_runtime._threads import num_threads
 from lora_runtime.actor import prepare_actor
 from lora_runtime.adapters import adapter_disabled, iter_lora_layers
 from lora_runtime.compile import compile_actor
-from lora_runtime.config import load_config
+from lora_runtime.config import load_config, validate_config
 from lora_runtime.rl.builtin_base import load_base
 from lora_runtime.rl.learners import learner_for
 from lora_runtime.rl.loop import rl_step
@@ -35,6 +36,7 @@ from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.tasks import build_task
 
 VARIANTS = ("lora_eager", "lora_compiled", "peft_eager")
+EXTRA_VARIANTS = ("lora_overlap",)  # eager, with task.overlap_envs (asked for by name)
 
 
 class _Reference:
@@ -101,6 +103,11 @@ def measure(config: str, iterations: int, variants: list[str], threads: int = 1)
     with num_threads(threads):
         base = load_base(cfg)
         task = build_task(cfg, base)
+        overlap_task = None
+        if "lora_overlap" in variants:
+            raw = cfg.model_dump()
+            raw["task"]["overlap_envs"] = True
+            overlap_task = build_task(validate_config(raw), base)
         runs = {}
         for v in variants:
             model, forward, ref = build(v, base, cfg)
@@ -113,7 +120,7 @@ def measure(config: str, iterations: int, variants: list[str], threads: int = 1)
             order = variants[i % len(variants):] + variants[: i % len(variants)]
             for v in order:
                 r = runs[v]
-                stats = step(v, r, task, cfg)
+                stats = step(v, r, overlap_task if v == "lora_overlap" else task, cfg)
                 r["samples"].append({k: stats[k] for k in ("rollout_s", "train_s", "env_steps", "env_steps_per_s",
                                                             "trained_rows", "success_rate")})
     load = os.getloadavg()

@@ -28,6 +28,7 @@ policy that turns left, then right, sees the same view again and loops forever).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from lora_runtime.rl.models import BOS, PAD, ModelFamily, ModelInputs
 from lora_runtime.rl.policy import ActorPolicy
 from lora_runtime.rl.supervised import fit
 from lora_runtime.rl.tasks.base import Experience, Task
+from lora_runtime.rl.tasks.env_worker import EnvWorker
 from lora_runtime.rl.tasks.episodes import (
     ExpertPolicy,
     ModelPolicy,
@@ -125,6 +127,17 @@ class EpisodicTask(Task):
         self.prev_action = prev_action  # the prompt ends with the previous action's token
         # Under torchrun (PPO) this rank steps environments `env_rows` of `global_num_envs`.
         self.env_rows, self.global_num_envs = slice(0, num_envs), num_envs
+        self._worker: EnvWorker | None = None
+
+    def env_worker(self) -> EnvWorker | None:
+        """The child process that steps the environments (`task.overlap_envs`), started on
+        first use and stopped with the task (or at exit); None when the option is off."""
+        if self.cfg is None or not getattr(self.cfg, "overlap_envs", False):
+            return None
+        if self._worker is None or not self._worker.alive:
+            self._worker = EnvWorker(self.env.envs, self.name)
+            weakref.finalize(self, self._worker.close)
+        return self._worker
 
     @classmethod
     def environment(cls, run_cfg: RunConfig, image_size: int | None) -> tuple[str, Callable[[], Any], Any]:
@@ -135,6 +148,18 @@ class EpisodicTask(Task):
             ConfigError: the environment does not fit the actor.
         """
         raise NotImplementedError
+
+    @classmethod
+    def check(cls, run_cfg: RunConfig) -> None:
+        super().check(run_cfg)
+        if getattr(run_cfg.task, "overlap_envs", False):
+            if run_cfg.algorithm.name == "ppo":
+                raise ConfigError("task.overlap_envs=true is not supported with algorithm.name: ppo (its fixed-length "
+                                  "rollouts step the environments in-process); set task.overlap_envs: false")
+            if run_cfg.runner.compile:
+                raise ConfigError("task.overlap_envs=true cannot be used with runner.compile=true (the compiled actor "
+                                  "sees every environment at every step; the overlap acts for half of them at a "
+                                  "time); set one of them false")
 
     @classmethod
     def build(cls, run_cfg: RunConfig, model: nn.Module, family: ModelFamily) -> EpisodicTask:
