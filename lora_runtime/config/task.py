@@ -68,7 +68,7 @@ class EpisodicSection(TaskSection):
     eval_episodes: StrictInt = Field(200, ge=1)
     prev_action: StrictBool = False  # the prompt ends with the previous action's token
     # Step the environments in a child process, one half while the policy acts for the other
-    # (GRPO's episodes and the evaluation; `rl.tasks.env_worker`): faster when a core is free.
+    # (GRPO's episodes, PPO's rollouts, evaluation; `rl.tasks.overlapped`): faster when a core is free.
     overlap_envs: StrictBool = False
     RL_ONLY: ClassVar[tuple[str, ...]] = ("num_envs", "eval_episodes", "overlap_envs")
 

@@ -1,11 +1,12 @@
 """A task's environments in a child process, stepped while the parent runs the policy.
 
-`task.overlap_envs: true` (`run_episodes`): the environments are split into two halves; the
+`task.overlap_envs: true` (`overlapped`): the environments are split into two halves; the
 child steps one half while the parent's policy runs its forward on the other, so a rollout
 costs about the larger of the two instead of their sum when a second core is free. The
-child is forked once, with its own copy of every environment (each rollout resets them with
-explicit seeds, so the copies the parent keeps are never stepped again by it). It only
-steps environments and pickles their observations back; torch is never called in it.
+child is forked once, with its own copy of every environment; the parent's copies (still
+used by the scripted expert and for the example batch) go their own way, which is harmless
+because every rollout resets its environments with explicit seeds. The child only steps
+environments and pickles their observations back; torch is never called in it.
 
 Observations, rewards and ends are exactly what the environments give in-process; the
 policy draws its noise for the same rows in the same order as the in-process loop, so a
@@ -42,9 +43,12 @@ def _serve(conn: Any, envs: Sequence[Any]) -> None:
                     reply = [envs[i].reset(seed=int(seed))[0] for i, seed in message[1]]
                 elif message[0] == "step":
                     reply = []
-                    for i, action in message[1]:
+                    for i, action, *then in message[1]:  # then: (end now, seed of the next reset) or ()
                         obs, reward, terminated, truncated, _ = envs[i].step(int(action))
-                        reply.append((obs, float(reward), bool(terminated), bool(truncated)))
+                        reset_obs = None
+                        if then and (terminated or truncated or then[0]):
+                            reset_obs = envs[i].reset(seed=int(then[1]))[0]
+                        reply.append((obs, float(reward), bool(terminated), bool(truncated), reset_obs))
                 else:
                     return
                 conn.send(("ok", reply))
@@ -74,13 +78,16 @@ class EnvWorker:
         self._conn.send(("reset", list(seeds)))
         return self._reply()
 
-    def step_async(self, actions: Sequence[tuple[int, int]]) -> None:
-        """Starts stepping environment `i` with `action` for each pair (`step_wait` collects)."""
+    def step_async(self, actions: Sequence[tuple]) -> None:
+        """Starts stepping environment `i` with `action` for each `(i, action)`, or each
+        `(i, action, end_now, seed)`: then an episode that ended (or `end_now`: a length
+        limit the parent keeps) is reset with `seed` at once. `step_wait` collects."""
         self._conn.send(("step", list(actions)))
         self._waiting = True
 
-    def step_wait(self) -> list[tuple[Any, float, bool, bool]]:
-        """`(observation, reward, terminated, truncated)` of each pair `step_async` sent."""
+    def step_wait(self) -> list[tuple[Any, float, bool, bool, Any]]:
+        """`(observation, reward, terminated, truncated, observation after the reset or None)`
+        of each environment `step_async` sent."""
         self._waiting = False
         return self._reply()
 

@@ -157,15 +157,9 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
         record: keep every step's observation, action and log-prob (training, demonstrations).
 
     Returns:
-        The `E` episodes, in the order of `seeds`. With `task.overlap_envs` (and a policy that
-        does not read the environment objects, on unfixed shapes) the environments step in a
-        child process, one half while the policy runs on the other (`_run_overlapped`).
+        The `E` episodes, in the order of `seeds`. (`overlapped.play_episodes` steps the
+        environments in a child process instead when `task.overlap_envs` is set.)
     """
-    worker = None
-    if not getattr(policy, "fixed_rows", False) and not getattr(policy, "reads_envs", False):
-        worker = task.env_worker()  # None unless task.overlap_envs
-    if worker is not None:
-        return _run_overlapped(task, seeds, policy, record, worker)
     start = time.perf_counter()
     width, env = task.num_envs, task.env
     obs_parts: list[ModelInputs] = []
@@ -214,59 +208,6 @@ def run_episodes(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: 
         episode=torch.cat(ep_parts) if record else empty,
         actions=torch.cat(act_parts) if record else empty,
         logp=torch.cat(logp_parts) if record else torch.zeros(0),
-        returns=torch.from_numpy(returns).float(),
-        lengths=torch.from_numpy(lengths),
-        seeds=list(seeds),
-        rollout_s=time.perf_counter() - start,
-    )
-
-
-def _run_overlapped(task: EpisodicTask, seeds: Sequence[int], policy: Any, record: bool, worker: Any) -> Episodes:
-    """`run_episodes` with the environments in `worker` (`env_worker.EnvWorker`): each round
-    of `task.num_envs` seeds is split into two halves; the policy acts for one half while the
-    worker steps the other. The policy acts for the same rows in the same order as the
-    in-process loop (half 0's running rows, then half 1's, each step), so it draws the same
-    noise for them, and steps are recorded in the same order."""
-    start = time.perf_counter()
-    width = task.num_envs
-    parts: list[tuple[ModelInputs | None, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    returns = np.zeros(len(seeds))
-    lengths = np.zeros(len(seeds), dtype=np.int64)
-    for first in range(0, len(seeds), width):
-        chunk = list(seeds[first:first + width])
-        observations = worker.reset(list(enumerate(chunk)))
-        previous = np.full(len(chunk), -1, dtype=np.int64)  # [n] each environment's last action
-        half = (len(chunk) + 1) // 2
-        active = [list(range(half)), list(range(half, len(chunk)))]  # running environments of each half
-        in_flight: list[int] | None = None  # the rows the worker is stepping
-        h = 0
-        while active[0] or active[1]:
-            rows = list(active[h])
-            if rows:  # the policy acts for half h while the worker steps the other half
-                obs = task.encode([observations[i] for i in rows], previous[rows] if task.prev_action else None) \
-                    if record or policy.needs_obs else None
-                choice, logp = policy.act(obs, rows)
-                previous[rows] = choice.numpy()
-                if record:
-                    parts.append((obs, torch.tensor(rows) + first, choice, logp))
-            if in_flight is not None:
-                for i, (o, reward, terminated, truncated) in zip(in_flight, worker.step_wait(), strict=True):
-                    observations[i] = o
-                    returns[first + i] += reward
-                    lengths[first + i] += 1
-                    if terminated or truncated or lengths[first + i] >= task.max_episode_steps:
-                        active[int(i >= half)].remove(i)
-                in_flight = None
-            if rows:
-                worker.step_async(list(zip(rows, choice.tolist(), strict=True)))
-                in_flight = rows
-            h = 1 - h
-    empty = torch.zeros(0, dtype=torch.long)
-    return Episodes(
-        obs=ModelInputs.cat([p[0] for p in parts]) if record else None,
-        episode=torch.cat([p[1] for p in parts]) if record else empty,
-        actions=torch.cat([p[2] for p in parts]) if record else empty,
-        logp=torch.cat([p[3] for p in parts]) if record else torch.zeros(0),
         returns=torch.from_numpy(returns).float(),
         lengths=torch.from_numpy(lengths),
         seeds=list(seeds),

@@ -53,8 +53,8 @@ from lora_runtime.rl.tasks.episodes import (
     quiet,
     random_baseline,
     run_episodes,
-    run_steps,
 )
+from lora_runtime.rl.tasks.overlapped import play_episodes, play_steps
 
 EPISODE_LIMIT = 10_000  # a cap for environments without a time limit
 WARMUP_STEPS = 20  # the behaviour cloning's learning-rate warm-up
@@ -153,9 +153,10 @@ class EpisodicTask(Task):
     def check(cls, run_cfg: RunConfig) -> None:
         super().check(run_cfg)
         if getattr(run_cfg.task, "overlap_envs", False):
-            if run_cfg.algorithm.name == "ppo":
-                raise ConfigError("task.overlap_envs=true is not supported with algorithm.name: ppo (its fixed-length "
-                                  "rollouts step the environments in-process); set task.overlap_envs: false")
+            if run_cfg.runner.distributed != "none":
+                raise ConfigError(f"task.overlap_envs=true is not supported with runner.distributed="
+                                  f"{run_cfg.runner.distributed!r} (the ranks draw their sampling noise for all "
+                                  "environments at once); set task.overlap_envs: false")
             if run_cfg.runner.compile:
                 raise ConfigError("task.overlap_envs=true cannot be used with runner.compile=true (the compiled actor "
                                   "sees every environment at every step; the overlap acts for half of them at a "
@@ -252,7 +253,7 @@ class EpisodicTask(Task):
         """Whole episodes, seed-grouped. Reproducible: the same generator state gives the same
         seeds, actions and returns."""
         seeds = [s for s in draw_seeds(generator, num_groups) for _ in range(group_size)]
-        eps = run_episodes(self, seeds, ModelPolicy(policy, generator, False, self.fixed_shapes))
+        eps = play_episodes(self, seeds, ModelPolicy(policy, generator, False, self.fixed_shapes))
         stats = {**eps.stats(), "reward_std": eps.returns.std().item()}
         return Experience(eps.obs, action_positions(eps.obs), eps.actions[:, None], eps.logp[:, None],
                           stats, int(stats["env_steps"]), episode=eps.episode, returns=eps.returns,
@@ -260,8 +261,9 @@ class EpisodicTask(Task):
 
     @torch.no_grad()
     def collect_steps(self, policy: ActorPolicy, steps: int, generator: torch.Generator) -> Experience:
-        """`steps` steps of every environment with values (PPO; see `episodes.run_steps`)."""
-        st = run_steps(self, policy, steps, generator)
+        """`steps` steps of every environment with values (PPO; see `episodes.run_steps`; with
+        `task.overlap_envs`, `overlapped.run_steps_overlapped`)."""
+        st = play_steps(self, policy, steps, generator)
         return Experience(st.obs, action_positions(st.obs), st.actions[:, None], st.logp[:, None], st.stats(),
                           int(st.actions.numel()), values=st.values, next_values=st.next_values,
                           rewards=st.rewards, terminated=st.terminated, ended=st.ended)
@@ -282,7 +284,7 @@ class EpisodicTask(Task):
         seeds = held_out_seeds(n)
         policy = ActorPolicy(model, self.family, self.action_ids.to(device), 1.0)
         with torch.no_grad():
-            result = run_episodes(self, seeds, ModelPolicy(policy, None, True, self.fixed_shapes), record=False)
+            result = play_episodes(self, seeds, ModelPolicy(policy, None, True, self.fixed_shapes), record=False)
         return {**result.stats(), "episodes": n, "first_seed": seeds[0]}
 
     def evaluate_random(self, episodes: int | None) -> dict[str, Any]:
