@@ -144,11 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_runtime.bench.rl_loop", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default="configs/lora_new.yaml")
     p.add_argument("--iterations", type=int, default=4)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
-    result = measure(args.config, args.iterations, [v for v in args.variants.split(",") if v], args.threads)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants={args.variants!r}: unknown {unknown or 'none given'}; "
+                f"allowed: {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    result = measure(args.config, args.iterations, variants, args.threads)
     print(f"RL loop, {args.config}, {args.iterations} iterations (first = warm-up), load at end {result['loadavg_end']}")
     print(f"{'variant':<15}{'rollout s':>10}{'train s':>9}{'env steps/s':>13}{'ms/env step':>13}{'train ms/step':>15}")
     for v, r in result["variants"].items():

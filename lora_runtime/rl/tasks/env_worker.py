@@ -26,7 +26,8 @@ from typing import Any
 
 
 def _serve(conn: Any, envs: Sequence[Any]) -> None:
-    """The child's loop: `("reset", [(i, seed)])`, `("step", [(i, action)])`, `("close",)`.
+    """The child's loop: `("reset", [(i, seed)])`, `("step", [(i, action)])` or
+    `("step", [(i, action, end_now, seed)])` (`EnvWorker.step_async`), `("close",)`.
 
     Ctrl-C reaches the whole process group: the child ignores it, so that the parent's run
     finishes its step and saves (the parent stops the child); it ends when the parent closes
