@@ -3,12 +3,17 @@ acts for the other; the episodes are those of the in-process loop."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from support.models import randomize_lora
 from support.tiny_episodic import tiny_episodic_raw
@@ -184,3 +189,37 @@ def test_refused_under_torchrun(setup):
     with pytest.raises(ConfigError, match=r"task.overlap_envs=true is not supported with runner.distributed='ddp'"):
         task_class("babyai").check(cfg)
     task_class("babyai").check(validate_config({**run, "task": {**raw["task"], "overlap_envs": False}}))  # accepted
+
+
+def test_ctrl_c_to_the_process_group_saves_and_leaves_no_process(setup, tmp_path):
+    """A terminal's Ctrl-C reaches the run and its environment worker alike: the run finishes
+    its step and saves, and no process of the group is left. (The signal lands in whatever
+    phase the run is in; that the worker survives it mid-rollout is pinned by sending it
+    SIGINT directly in `test_the_worker_is_a_child_that_reports_errors_and_closes`.)"""
+    root = setup[0]
+    raw = tiny_episodic_raw(tmp_path / "out", root / "base16", task={"prev_action": True, "overlap_envs": True},
+                            steps=100000, progress=True)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "lora_runtime", "train", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            start_new_session=True)  # its own process group, as a terminal's job
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # the run and its worker
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "Traceback" not in err and f"stopped by SIGINT after step {summary['last_step']}: saved adapter/" in err
+    assert summary["interrupted"] and summary["steps_run"] >= 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anything left in the group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the run's group (the environment worker) outlived it")
