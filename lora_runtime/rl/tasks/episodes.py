@@ -252,6 +252,16 @@ class Steps:
         }
 
 
+def act_with_values(task: EpisodicTask, policy: ActorPolicy, observations: list[Any],
+                    previous: np.ndarray) -> tuple[ModelInputs, torch.Tensor, torch.Tensor]:
+    """`(inputs, log-probs [n, K], values [n])` of the policy and its value head on `n`
+    observations (with each environment's previous action where the task reads it); CPU tensors."""
+    x = task.encode(observations, previous if task.prev_action else None)
+    device = policy.action_ids.device
+    dist, value = policy(x.to(device), action_positions(x).to(device))
+    return x, dist[:, 0].cpu(), value.cpu()
+
+
 def run_steps(task: EpisodicTask, policy: ActorPolicy, steps: int, generator: torch.Generator) -> Steps:
     """Steps every environment `steps` times with the sampled policy and its value head.
 
@@ -269,7 +279,6 @@ def run_steps(task: EpisodicTask, policy: ActorPolicy, steps: int, generator: to
     start = time.perf_counter()
     envs, m = task.env.envs, task.num_envs
     rows, total = task.env_rows, task.global_num_envs
-    device = policy.action_ids.device
     streams = [torch.Generator().manual_seed(s) for s in draw_seeds(generator, total)[rows]]  # one per environment
     with quiet():
         obs = [env.reset(seed=draw_seeds(g, 1)[0])[0] for env, g in zip(envs, streams)]
@@ -282,9 +291,7 @@ def run_steps(task: EpisodicTask, policy: ActorPolicy, steps: int, generator: to
     returns, lengths = [], []
 
     def evaluate(observations: list[Any], prev: np.ndarray) -> tuple[ModelInputs, torch.Tensor, torch.Tensor]:
-        x = task.encode(observations, prev if task.prev_action else None)
-        dist, value = policy(x.to(device), action_positions(x).to(device))
-        return x, dist[:, 0].cpu(), value.cpu()  # [M, K], [M]
+        return act_with_values(task, policy, observations, prev)  # [M, K], [M]
 
     for t in range(steps):
         x, logp, value = evaluate(obs, previous)

@@ -25,7 +25,7 @@ from lora_runtime.rl.tasks.episodes import (
     Episodes,
     EpisodicTask,
     Steps,
-    action_positions,
+    act_with_values,
     draw_seeds,
     run_episodes,
     run_steps,
@@ -114,7 +114,6 @@ def run_steps_overlapped(task: EpisodicTask, policy: ActorPolicy, steps: int, ge
     bootstrap value (a forward on its half)."""
     start = time.perf_counter()
     m = task.num_envs
-    device = policy.action_ids.device
     streams = [torch.Generator().manual_seed(s) for s in draw_seeds(generator, m)]  # one per environment
     observations = worker.reset([(i, draw_seeds(g, 1)[0]) for i, g in enumerate(streams)])
     next_seed = [draw_seeds(g, 1)[0] for g in streams]  # each environment's next reset seed
@@ -131,9 +130,7 @@ def run_steps_overlapped(task: EpisodicTask, policy: ActorPolicy, steps: int, ge
     lengths: list[int] = []
 
     def evaluate(observations_: list[Any], prev: np.ndarray) -> tuple[ModelInputs, torch.Tensor, torch.Tensor]:
-        x = task.encode(observations_, prev if task.prev_action else None)
-        dist, value = policy(x.to(device), action_positions(x).to(device))
-        return x, dist[:, 0].cpu(), value.cpu()  # [n, K], [n]
+        return act_with_values(task, policy, observations_, prev)  # [n, K], [n]
 
     def collect(h: int, t: int, results: list[Any]) -> None:
         """Half `h`'s step `t` as the child returns it (plain `run_steps`'s bookkeeping)."""
