@@ -638,7 +638,12 @@ def _text_config(root: Path, model: str, out_dir: Path, mode: str) -> Path:
 
     raw = {"actor": {"model": {"is_lora": True, "lora_rank": 4, "model_path": model}},
            "task": {"kind": "text", "dataset": str(root / "data.jsonl"), "eval_fraction": 0.25,
-                    "reward": [{"function": f"{root / 'my_rewards.py'}:words", "weight": 2.0}], "max_new_tokens": 4},
+                    # `length` varies with where EOS ends completions, so the advantages are not
+                    # all 0 whatever this machine's rounding samples (`words` alone hit no
+                    # answer word in 3 steps on an AMD host)
+                    "reward": [{"function": f"{root / 'my_rewards.py'}:words", "weight": 2.0},
+                               {"function": f"{root / 'my_rewards.py'}:length", "weight": 1.0}],
+                    "max_new_tokens": 4},
            "algorithm": {"batch_size": 4, "group_size": 2, "lr": 3e-2, "kl_coef": 0.05, "loss_type": "token_mean",
                          "lr_schedule": "constant"},
            "runner": {"output_dir": str(out_dir), "steps": 3, "num_threads": 1, "progress": False, "plot": False,
@@ -695,7 +700,7 @@ def test_text_grpo_on_two_ranks_equals_one_process(tmp_path, text_one_process, m
     assert [r["step"] for r in ranks] == [1, 2, 3]
     for a, b in zip(ranks, single):
         assert a["completions"] == b["completions"] == 8  # 4 + 4 over the ranks, not 8 on each
-        for key in ("reward_mean", "accuracy", "completion_len", "reward/words"):
+        for key in ("reward_mean", "accuracy", "completion_len", "reward/words", "reward/length"):
             assert a[key] == pytest.approx(b[key], rel=1e-12), (key, a[key], b[key])
         assert a["reward_std"] == pytest.approx(b["reward_std"], rel=1e-6)  # the batch's, not a mean of the ranks'
         for key in ("loss", "pg_loss", "kl", "grad_norm"):

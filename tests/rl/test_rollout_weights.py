@@ -26,10 +26,21 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _gemm_rows_independent_of_batch() -> bool:
+    """True when this machine's float32 GEMM gives each row the same bits at every batch size
+    from 1 to 64 rows (MKL on the Intel hosts; on an AMD EPYC host 1-3 rows take another
+    kernel, so a rollout's last few live rows round differently from the update's batch)."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)
+    full = torch.nn.functional.linear(x, w)
+    return all(torch.equal(torch.nn.functional.linear(x[:m], w), full[:m]) for m in range(1, 65))
+
+
 def test_merged_rollouts_train_from_restored_weights_and_report_the_gap(tmp_path):
     """The same run with merged and with unmerged rollouts: the same episodes, log-prob gaps
-    of float rounding only with merged (0 without), and the same trained adapter to float
-    tolerance (merged() restores the base weights bit for bit before each update)."""
+    of float rounding with merged, 0 without where the machine's GEMM rounds a row alike at
+    every batch size (else rounding only), and the same trained adapter to float tolerance
+    (merged() restores the base weights bit for bit before each update)."""
     from safetensors.torch import load_file
 
     runs = {}
@@ -37,10 +48,12 @@ def test_merged_rollouts_train_from_restored_weights_and_report_the_gap(tmp_path
         raw = _raw(tmp_path / how, tmp_path / "base", how, steps=3)
         train(validate_config(raw), log=quiet)
         runs[how] = _metrics(tmp_path / how)
+    unmerged_bound = 0.0 if _gemm_rows_independent_of_batch() else 1e-5
     for a, b in zip(runs["unmerged"], runs["merged"]):
         assert (a["rollout_merged"], b["rollout_merged"]) == (0.0, 1.0)
         assert a["env_steps"] == b["env_steps"] and a["reward_mean"] == b["reward_mean"]
-        assert a["rollout_logp_gap"] == 0.0 and 0.0 <= b["rollout_logp_gap"] < 1e-5
+        assert 0.0 <= a["rollout_logp_gap"] <= unmerged_bound
+        assert 0.0 <= b["rollout_logp_gap"] < 1e-5
         assert a["rollout_forwards"] == b["rollout_forwards"] > 0
     assert any(b["rollout_logp_gap"] > 0 for b in runs["merged"])  # merged weights round differently
     ours, theirs = (load_file(str(tmp_path / h / "adapter" / "adapter_model.safetensors")) for h in ("unmerged", "merged"))

@@ -16,6 +16,10 @@ def words(prompts, completions, answer, **kw):
     """The share of the completion's words that are the answer word (a shaped reward)."""
     return [sum(w == a for w in c.split()) / 4 for c, a in zip(completions, answer)]
 
+def length(prompts, completions, **kw):
+    """The completion's word count over 4: varies whenever EOS ends completions apart."""
+    return [len(c.split()) / 4 for c in completions]
+
 def boom(prompts, completions, **kw):
     raise ValueError("the grader is down")
 
