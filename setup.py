@@ -21,7 +21,8 @@ def extension():
     use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda_sources)
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # No FMA contraction: merge_exact.cpp must round `W + s * P` as two separate operations,
-    # exactly as the tensor ops of merged_weight() do.
+    # exactly as the tensor ops of merged_weight() do, and lora_product.h's sums of products
+    # are a multiply and an add each (its definition of B @ A).
     # No -std flag: BuildExtension adds the C++ standard this torch was built for (C++20 for 2.13).
     cxx += ["-ffp-contract=off"]
     if use_cuda:

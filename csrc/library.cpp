@@ -6,6 +6,7 @@
 //   lora_group.cpp     lora_group_fwd/_bwd/_infer
 //   lora_autograd.cpp  the Autograd kernels of lora_linear_fwd and lora_group_fwd
 //   merge_exact.cpp    merge_enter, merge_leave (CPU)
+//   lora_product.cpp   lora_product (CPU): B @ A by the loop of lora_product.h
 // The fake (meta) kernels are Python: lora_runtime/ops/{lora_linear,lora_group,infer,merge_exact}.py.
 #include <Python.h>  // PyInit__C below
 
@@ -28,10 +29,11 @@ TORCH_LIBRARY(lora_runtime, m) {
         "bool need_b) -> (Tensor, Tensor, Tensor[])");
   m.def("lora_group_infer(Tensor x, Tensor[] weights, Tensor?[] biases, Tensor lora_a, "
         "Tensor[] lora_bs, float[] scalings) -> Tensor[]");
-  m.def("merge_enter(Tensor(a!) weight, Tensor product, float scaling) -> "
+  m.def("merge_enter(Tensor(a!) weight, Tensor lora_b, Tensor lora_a, float scaling) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
-  m.def("merge_leave(Tensor(a!) weight, Tensor product, float scaling, Tensor mask, "
-        "Tensor values) -> Tensor");
+  m.def("merge_leave(Tensor(a!) weight, Tensor lora_b, Tensor lora_a, float scaling, "
+        "Tensor mask, Tensor values) -> Tensor");
+  m.def("lora_product(Tensor lora_b, Tensor lora_a) -> Tensor");
 }
 
 // `import lora_runtime.ops._C` loads this library, which runs the registrations of csrc/.

@@ -12,6 +12,7 @@ from torch import nn
 from lora_runtime.adapters.siblings import SiblingGroup
 from lora_runtime.ops import lora_linear
 from lora_runtime.ops.infer import lora_linear_infer
+from lora_runtime.ops.merge_exact import lora_product
 
 INIT_METHODS = ("gaussian", "kaiming")
 
@@ -111,11 +112,15 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def get_delta_weight(self) -> torch.Tensor:
-        """`scaling * B @ A`, `[out, in]`, in float32 (float64 for a float64 base weight)."""
+        """`scaling * B @ A`, `[out, in]`, in float32 (float64 for a float64 base weight).
+
+        The product is `ops.merge_exact.lora_product`'s: on CPU the same bits as `merged()`'s
+        fused kernels.
+        """
         dtype = accumulation_dtype(self.base_layer.weight.dtype)
         a = self.lora_A.weight.detach().to(dtype)  # [r, in]
         b = self.lora_B.weight.detach().to(dtype)  # [out, r]
-        return (b @ a) * self.scaling
+        return lora_product(b, a) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disable_adapters or self.merged:

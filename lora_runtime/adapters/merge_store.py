@@ -3,7 +3,8 @@
 Per layer the smaller exact store is kept (see `adapters/merge.py`): a patch (a bitmask of
 the elements where `round(M - delta)` misses W, and their original values) or a plain copy
 of W. On CPU with the extension loaded both directions are one fused C++ op each
-(`ops.merge_exact`: one pass over the weight each way); elsewhere (GPU, no extension) the same
+(`ops.merge_exact`: one pass over the weight each way, the product `B @ A` computed in
+cache-sized tiles inside it); elsewhere (GPU, no extension) the same
 arithmetic runs as tensor ops.
 """
 
@@ -17,7 +18,13 @@ from torch.distributed.tensor import DTensor
 from lora_runtime._dist import full_tensor, local_rows
 from lora_runtime.adapters.layer import LoRALinear, accumulation_dtype
 from lora_runtime.adapters.merge_bits import bits, checksum, pack, unpack
-from lora_runtime.ops.merge_exact import MergeStore, fused_merge_applies, merge_enter, merge_leave
+from lora_runtime.ops.merge_exact import (
+    MergeStore,
+    fused_merge_applies,
+    lora_product,
+    merge_enter,
+    merge_leave,
+)
 
 __all__ = ["LayerRestore", "add_delta", "merge_layer", "nbytes", "restore_layer"]
 
@@ -65,14 +72,14 @@ class LayerRestore:
         return sum(nbytes(t) for t in held)
 
 
-def _local_weight_and_product(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's base weight rows (all, unsharded; an FSDP2 shard's, sharing its storage) and
-    `B[rows] @ A`, `[rows, in]`, in the accumulation dtype (A, B gathered); the delta is that
-    product times `layer.scaling` (as `get_delta_weight`)."""
+def _local_weight_and_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's base weight rows (all, unsharded; an FSDP2 shard's, sharing its storage),
+    `B[rows]` and `A` (gathered, contiguous) in the accumulation dtype: the delta is
+    `B[rows] @ A` times `layer.scaling` (as `get_delta_weight`)."""
     weight, rows = local_rows(layer.base_layer.weight.detach())  # [rows, in]
     a = full_tensor(layer.lora_A.weight.detach()).to(accumulation_dtype(weight.dtype))  # [r, in]
     b = full_tensor(layer.lora_B.weight.detach())[rows].to(a.dtype)  # [rows, r]
-    return weight, b @ a
+    return weight, b.contiguous(), a.contiguous()
 
 
 def _enter_with_tensor_ops(w: torch.Tensor, delta: torch.Tensor) -> MergeStore:
@@ -97,12 +104,12 @@ def merge_layer(path: str, layer: LoRALinear) -> LayerRestore:
     a, b = layer.lora_A.weight, layer.lora_B.weight
     versions = (a._version, b._version)
     lora_a, lora_b = a.detach().clone(), b.detach().clone()
-    w, product = _local_weight_and_product(layer)  # [rows, in] each (all rows unsharded)
+    w, b, a = _local_weight_and_factors(layer)  # [rows, in], [rows, r], [r, in]
     # `w` shares the base weight's storage (and version counter)
-    if fused_merge_applies(w, product):
-        store = merge_enter(w, product, layer.scaling)
+    if fused_merge_applies(w, b, a):
+        store = merge_enter(w, b, a, layer.scaling)
     else:
-        store = _enter_with_tensor_ops(w, product * layer.scaling)
+        store = _enter_with_tensor_ops(w, lora_product(b, a) * layer.scaling)
     layer.merged = True
     return LayerRestore(
         path=path,
@@ -131,11 +138,11 @@ def restore_layer(item: LayerRestore) -> list[str]:
     if store.copy is not None:
         weight.copy_(store.copy)  # a copy is exact as is
         return problems
-    weight, product = _local_weight_and_product(layer)  # [rows, in] each
-    if fused_merge_applies(weight, product):
-        restored_sum = merge_leave(weight, product, layer.scaling, store)
+    weight, b, a = _local_weight_and_factors(layer)  # [rows, in], [rows, r], [r, in]
+    if fused_merge_applies(weight, b, a):
+        restored_sum = merge_leave(weight, b, a, layer.scaling, store)
     else:
-        original = sub_delta(weight, product * layer.scaling)  # [rows, in]
+        original = sub_delta(weight, lora_product(b, a) * layer.scaling)  # [rows, in]
         if store.mask is not None:
             original.masked_scatter_(unpack(store.mask, original.shape), store.values)
         weight.copy_(original)

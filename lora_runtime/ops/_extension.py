@@ -12,7 +12,7 @@ import torch  # loads libc10/libtorch, which _C links against
 REQUIRED_OPS = (
     "lora_linear", "lora_linear_fwd", "lora_linear_bwd", "lora_linear_infer",
     "lora_group_fwd", "lora_group_bwd", "lora_group_infer",
-    "merge_enter", "merge_leave",
+    "merge_enter", "merge_leave", "lora_product",
 )
 # Ops whose autograd formula the library itself registers (C++), with the dispatch key.
 REQUIRED_KERNELS = (("lora_linear_fwd", "Autograd"), ("lora_group_fwd", "Autograd"))

@@ -16,7 +16,7 @@ from lora_runtime.adapters import LoRALinear, MergeError, merge_store, merged
 from lora_runtime.adapters.merge_bits import bits, checksum
 from lora_runtime.adapters.merge_store import _enter_with_tensor_ops, add_delta, sub_delta
 from lora_runtime.ops._extension import extension_loaded
-from lora_runtime.ops.merge_exact import fused_merge_applies, merge_enter, merge_leave
+from lora_runtime.ops.merge_exact import fused_merge_applies, lora_product, merge_enter, merge_leave
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="needs the compiled extension")
 
@@ -34,8 +34,8 @@ def _same_bits_nan_as_nan(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.equal(nan, torch.isnan(y)) and torch.equal(bits(x)[~nan], bits(y)[~nan])
 
 
-def _weight_and_product(dtype, out=37, inp=45, r=5, delta_scale=1e-2, seed=0, nan=True):
-    """A weight with signed zeros and a NaN (unless `nan` is False), and a non-zero B @ A."""
+def _weight_and_factors(dtype, out=37, inp=45, r=5, delta_scale=1e-2, seed=0, nan=True):
+    """A weight with signed zeros and a NaN (unless `nan` is False), and non-zero B, A."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g, dtype=torch.float64).to(dtype)  # [out, in]
     w[0, 0], w[0, 1] = 0.0, -0.0
@@ -44,12 +44,50 @@ def _weight_and_product(dtype, out=37, inp=45, r=5, delta_scale=1e-2, seed=0, na
     b = torch.randn(out, r, generator=g, dtype=_acc(dtype)) * delta_scale  # [out, r]
     a = torch.randn(r, inp, generator=g, dtype=_acc(dtype))  # [r, in]
     b[0] = 0.0  # row 0's delta is exactly zero: the signed zeros must survive as they are
-    return w, b @ a
+    return w, b, a
 
 
-# (37, 45): one partial chunk of the kernel's loops; (129, 257): three parallel blocks of
-# 2^14 elements, the last with a partial chunk and a partial mask byte
-SHAPES = [(37, 45), (129, 257)]
+# The kernels compute B @ A in tiles of 8 rows. (37, 45): a partial tile, a partial chunk of
+# the loops and a partial mask byte; (129, 257): 17 tiles, the last of one row; (83, 2053):
+# rows of many chunks and a column tail of the product's loop (2053 = 32 * 64 + 5)
+SHAPES = [(37, 45), (129, 257), (83, 2053)]
+
+
+def _product_in_order(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """B @ A as lora_product defines it, in tensor ops: the rank's terms added in order, each
+    product and each sum rounded on its own."""
+    acc = b[:, :1] * a[:1]  # [out, in]
+    for k in range(1, a.shape[0]):
+        acc = acc + b[:, k : k + 1] * a[k : k + 1]
+    return acc
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 5, 45), (129, 32, 257), (83, 16, 2053), (9, 3, 64)])
+def test_lora_product_sums_the_rank_in_order_and_is_close_to_float64(dtype, shape):
+    out, r, inp = shape
+    g = torch.Generator().manual_seed(out + inp)
+    b = torch.randn(out, r, generator=g, dtype=dtype)  # [out, r]
+    a = torch.randn(r, inp, generator=g, dtype=dtype)  # [r, in]
+    got = lora_product(b, a)
+    assert got.dtype == dtype and got.shape == (out, inp)
+    assert torch.equal(bits(got), bits(_product_in_order(b, a)))
+    exact = b.double() @ a.double()
+    tol = r * torch.finfo(dtype).eps * (b.double().abs() @ a.double().abs())
+    assert ((got.double() - exact).abs() <= tol).all()
+    # strided factors give the same bits (the op makes them contiguous)
+    assert torch.equal(bits(lora_product(b.t().contiguous().t(), a)), bits(got))
+
+
+def test_lora_product_refuses_what_does_not_fit():
+    b, a = torch.randn(4, 3), torch.randn(2, 5)
+    with pytest.raises(RuntimeError, match=r"lora_b \[4, 3\] and lora_a \[2, 5\] do not fit"):
+        torch.ops.lora_runtime.lora_product(b, a)
+    with pytest.raises(RuntimeError, match="must both be Float or both Double, got Float and Double"):
+        torch.ops.lora_runtime.lora_product(b, torch.randn(3, 5, dtype=torch.float64))
+    # the Python door takes other dtypes to a plain matmul
+    half = lora_product(b.half(), torch.randn(3, 5).half())
+    assert half.dtype == torch.float16
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,14 +96,15 @@ SHAPES = [(37, 45), (129, 257)]
 def test_fused_store_equals_tensor_op_store_and_restores_bits(dtype, delta_scale, shape):
     # bfloat16 / float16 NaNs are rounded to different payloads by the two paths (both restore
     # them exactly: see the next test), so the stores are compared on NaN-free weights there
-    w, product = _weight_and_product(dtype, *shape, delta_scale=delta_scale,
-                                     nan=dtype in (torch.float32, torch.float64))
+    w, b, a = _weight_and_factors(dtype, *shape, delta_scale=delta_scale,
+                                  nan=dtype in (torch.float32, torch.float64))
+    product = lora_product(b, a)  # [out, in]: the whole product, as the tensor-op path takes it
     scaling = 1.7
     original = w.clone()
     reference_w = w.clone()
     reference = _enter_with_tensor_ops(reference_w, product * scaling)
 
-    fused = merge_enter(w, product, scaling)
+    fused = merge_enter(w, b, a, scaling)
 
     # the same merged weight, bit for bit (a NaN stays a NaN; its payload may differ)
     assert _same_bits_nan_as_nan(w, reference_w)
@@ -78,7 +117,7 @@ def test_fused_store_equals_tensor_op_store_and_restores_bits(dtype, delta_scale
             assert torch.equal(fused.mask, reference.mask)
         assert torch.equal(bits(fused.values), bits(reference.values))
         assert fused.values.numel() > 0  # the test weights do need patching
-        restored_sum = merge_leave(w, product, scaling, fused)
+        restored_sum = merge_leave(w, b, a, scaling, fused)
         assert restored_sum == fused.checksum
     else:
         assert torch.equal(bits(fused.copy), bits(original))
@@ -90,50 +129,56 @@ def test_fused_store_equals_tensor_op_store_and_restores_bits(dtype, delta_scale
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_merge_restores_nan_payloads_and_signed_zeros(dtype, shape):
-    w, product = _weight_and_product(dtype, *shape, delta_scale=1e-3)
+    w, b, a = _weight_and_factors(dtype, *shape, delta_scale=1e-3)
     w.view(bits(w).dtype).view(-1)[8] = bits(w).view(-1)[7] | 1  # a NaN with another payload
     w.view(bits(w).dtype).view(-1)[-2] = bits(w).view(-1)[7] | 3  # and one in the last block
     w.view(-1)[-1] = -0.0
     original = w.clone()
-    store = merge_enter(w, product, 2.5)
+    store = merge_enter(w, b, a, 2.5)
     assert torch.isnan(w.view(-1)[7]) and torch.isnan(w.view(-1)[8])
-    assert merge_leave(w, product, 2.5, store) == store.checksum == checksum(original)
+    assert merge_leave(w, b, a, 2.5, store) == store.checksum == checksum(original)
     assert torch.equal(bits(w), bits(original))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_leave_without_patch_is_round_of_the_difference(dtype):
-    w, product = _weight_and_product(dtype, delta_scale=1e-3)
+    w, b, a = _weight_and_factors(dtype, delta_scale=1e-3)
     merged = w.clone()
-    store = merge_enter(merged, product, 0.5)
-    expected = sub_delta(merged, product * 0.5)  # what the restore computes before patching
+    store = merge_enter(merged, b, a, 0.5)
+    expected = sub_delta(merged, lora_product(b, a) * 0.5)  # what the restore computes before patching
     no_patch = store._replace(mask=None, values=store.values[:0])
-    merge_leave(merged, product, 0.5, no_patch)
+    merge_leave(merged, b, a, 0.5, no_patch)
     assert _same_bits_nan_as_nan(merged, expected)
     assert int((bits(merged) != bits(w)).sum()) == store.values.numel()
 
 
 def test_leave_refuses_a_store_that_does_not_fit_and_changes_nothing():
-    w, product = _weight_and_product(torch.float32, delta_scale=1e-3)
-    store = merge_enter(w, product, 1.0)
+    w, b, a = _weight_and_factors(torch.float32, delta_scale=1e-3)
+    store = merge_enter(w, b, a, 1.0)
     assert store.mask is not None and store.values.numel() > 1
     before = w.clone()
     short = store._replace(values=store.values[:-1].clone())
     with pytest.raises(RuntimeError, match="mask flags .* elements but .* values were kept"):
-        merge_leave(w, product, 1.0, short)
+        merge_leave(w, b, a, 1.0, short)
     assert torch.equal(bits(w), bits(before))
-    with pytest.raises(RuntimeError, match="the product must be Float for a BFloat16 weight"):
-        merge_enter(w.to(torch.bfloat16), product.double(), 1.0)
-    with pytest.raises(RuntimeError, match="must have one shape"):
-        merge_enter(w, product[:, :-1].contiguous(), 1.0)
+    with pytest.raises(RuntimeError, match="lora_b and lora_a must be Float for a BFloat16 "
+                                           "weight, got Double and Float"):
+        merge_enter(w.to(torch.bfloat16), b.double(), a, 1.0)
+    with pytest.raises(RuntimeError, match=r"weight \[37, 45\], lora_b \[37, 5\] and lora_a "
+                                           r"\[5, 44\] do not fit: need \[out, in\], \[out, r\] and \[r, in\]"):
+        merge_enter(w, b, a[:, :-1].contiguous(), 1.0)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        merge_enter(w, b, a.t().contiguous().t(), 1.0)
+    assert torch.equal(bits(w), bits(before))  # the refused calls changed nothing
 
 
 def test_fused_path_applies_only_where_it_can():
-    w, product = _weight_and_product(torch.float32)
-    assert fused_merge_applies(w, product)
-    assert not fused_merge_applies(w.t(), product.t())  # not contiguous
-    assert not fused_merge_applies(w[:, :3], product[:, :3])
-    assert not fused_merge_applies(w.to(torch.int32), product)
+    w, b, a = _weight_and_factors(torch.float32)
+    assert fused_merge_applies(w, b, a)
+    assert not fused_merge_applies(w.t(), a.t(), b.t())  # not contiguous
+    assert not fused_merge_applies(w[:, :3], b, a[:, :3])
+    assert not fused_merge_applies(w, b[:-1], a)
+    assert not fused_merge_applies(w.to(torch.int32), b, a)
 
 
 # `merged(...)` through `adapters/merge_store.py`'s tensor-op path (what runs on GPU and
@@ -171,7 +216,7 @@ def test_merged_on_the_tensor_op_path_equals_the_fused_path_and_restores_bits(mo
     adapters = [(ly.lora_A.weight.clone(), ly.lora_B.weight.clone()) for ly in model]
     with merged(fused_model) as fused_stats:
         fused = _weight_bits(fused_model)
-    monkeypatch.setattr(merge_store, "fused_merge_applies", lambda w, p: False)
+    monkeypatch.setattr(merge_store, "fused_merge_applies", lambda *tensors: False)
     with merged(model) as stats:
         for layer, want, w0, scaling in zip(model, fused, before, (5 / 3, 7 / math.sqrt(2))):
             got = layer.base_layer.weight
@@ -198,7 +243,7 @@ def test_merged_on_the_tensor_op_path_equals_the_fused_path_and_restores_bits(mo
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_patched_weight_written_inside_merged_is_reported_as_not_restorable(monkeypatch, fused):
     if not fused:
-        monkeypatch.setattr(merge_store, "fused_merge_applies", lambda w, p: False)
+        monkeypatch.setattr(merge_store, "fused_merge_applies", lambda *tensors: False)
     model = _two_layers(torch.bfloat16, 0.05, specials=False)
     with pytest.raises(MergeError) as err, merged(model), torch.no_grad():
         model[1].base_layer.weight.add_(1.0)
@@ -212,7 +257,7 @@ def test_a_patched_weight_written_inside_merged_is_reported_as_not_restorable(mo
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_write_that_escapes_the_version_counter_fails_the_bit_exact_check(monkeypatch, fused):
     if not fused:
-        monkeypatch.setattr(merge_store, "fused_merge_applies", lambda w, p: False)
+        monkeypatch.setattr(merge_store, "fused_merge_applies", lambda *tensors: False)
     model = _two_layers(torch.float32, 0.05, specials=False)
     with pytest.raises(MergeError) as err, merged(model):
         model[0].base_layer.weight.data.add_(1.0)  # `.data`: no version bump; unpatched elements wrong
@@ -284,8 +329,8 @@ def test_the_store_is_a_copy_exactly_when_the_patch_would_not_be_smaller(dtype, 
     w = torch.zeros(numel, dtype=torch.float64)
     w[:patched] = 1 + torch.arange(1, patched + 1, dtype=torch.float64) / 128
     w = w.to(dtype).reshape(1, numel)
-    delta = torch.full((1, numel), big)  # float32
-    for store in (_enter_with_tensor_ops(w.clone(), delta.clone()), merge_enter(w.clone(), delta.clone(), 1.0)):
+    b, a = torch.full((1, 1), big), torch.ones(1, numel)  # B @ A = big everywhere, float32
+    for store in (_enter_with_tensor_ops(w.clone(), b @ a), merge_enter(w.clone(), b, a, 1.0)):
         assert (store.copy is not None) == copy
         if copy:
             assert torch.equal(bits(store.copy), bits(w)) and store.mask is None and store.values.numel() == 0

@@ -34,9 +34,9 @@ def _group(lead=(3, 4), d_in=16, outs=(12, 8), ranks=(4, 2)):
 
 def _merge_leave_args():
     """merge_leave's arguments: a weight merged by merge_enter and its patch store."""
-    weight, product = _rnd(9, 13), _rnd(9, 13, std=1e-2)
-    mask, values, _, _ = torch.ops.lora_runtime.merge_enter(weight, product, 0.5)
-    return weight, product, 0.5, mask, values
+    weight, lora_b, lora_a = _rnd(9, 13), _rnd(9, 3, std=1e-1), _rnd(3, 13, std=1e-1)
+    mask, values, _, _ = torch.ops.lora_runtime.merge_enter(weight, lora_b, lora_a, 0.5)
+    return weight, lora_b, lora_a, 0.5, mask, values
 
 
 def _needs_grad(*tensors):
@@ -79,9 +79,10 @@ CASES = {
         )
     ),
     "lora_group_infer": _on_group(lambda *t: (*t, [1.5, 0.5])),
-    "merge_enter/patch": lambda: (_rnd(9, 13), _rnd(9, 13, std=1e-2), 0.5),
-    "merge_enter/copy": lambda: (_rnd(9, 13), _rnd(9, 13, std=1e3), 0.5),  # most elements miss
+    "merge_enter/patch": lambda: (_rnd(9, 13), _rnd(9, 3, std=1e-1), _rnd(3, 13, std=1e-1), 0.5),
+    "merge_enter/copy": lambda: (_rnd(9, 13), _rnd(9, 3, std=1e2), _rnd(3, 13, std=1e1), 0.5),  # most elements miss
     "merge_leave": _merge_leave_args,
+    "lora_product": lambda: (_rnd(9, 3), _rnd(3, 13)),
 }
 
 
