@@ -5,8 +5,14 @@ next (rollouts of different lengths, minibatches of different rows). glibc's all
 what was freed in its heap, and its dynamic mmap threshold moves large blocks there too
 (after the first large free it rises up to 32 MiB), so the resident size sampled between
 iterations drifts upward with the largest iteration seen, though nothing is held (measured:
-`bench/soak.py`, BENCHMARKS.md "Soak"). `malloc_trim(0)` after each iteration returns the free
-pages; it costs a few milliseconds against iterations of seconds.
+`bench/soak.py`, BENCHMARKS.md "Soak"). `malloc_trim(0)` between iterations returns the free
+pages. Its price is paid in the next iteration, which faults the pages in again: about 20 ms
+a step on the text task's 0.2 s GRPO steps (BENCHMARKS.md "Releasing memory between
+iterations"), nothing next to BabyAI's iterations of seconds. So the trainer releases only
+when the resident size has grown by more than `RELEASE_GROWTH_BYTES` since the last release
+(`MemoryReleaser`): BabyAI's iterations, which leave 100+ MiB of freed pages in the heap,
+release after nearly every iteration as before; the text task's, which leave a few MiB,
+rarely. Between releases the resident size is within that margin of the released level.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+from collections.abc import Callable
 
-__all__ = ["release_free_memory"]
+__all__ = ["RELEASE_GROWTH_BYTES", "MemoryReleaser", "release_free_memory", "resident_bytes"]
+
+RELEASE_GROWTH_BYTES = 16 << 20  # resident growth since the last release that triggers the next
 
 
 @functools.cache
@@ -37,3 +47,40 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size (Linux `/proc/self/statm`), or None where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemoryReleaser:
+    """`release_free_memory` between iterations, when the resident size has grown by more than
+    `growth_bytes` since the last release (or since the start).
+
+    Args:
+        growth_bytes: the margin (None: `RELEASE_GROWTH_BYTES`; 0: after every iteration).
+        resident: the resident size in bytes, or None where unknown, which releases after
+            every iteration (tests give their own).
+    """
+
+    def __init__(self, growth_bytes: int | None = None,
+                 resident: Callable[[], int | None] = resident_bytes) -> None:
+        self.growth_bytes = RELEASE_GROWTH_BYTES if growth_bytes is None else growth_bytes
+        self.resident = resident
+        self.level = resident()  # the resident size after the last release
+
+    def after_iteration(self) -> bool:
+        """Releases when the resident size is more than `growth_bytes` above the level after
+        the last release (always with `growth_bytes` 0); True when it did."""
+        now = self.resident()
+        if self.growth_bytes > 0 and now is not None and self.level is not None \
+                and now - self.level <= self.growth_bytes:
+            return False
+        release_free_memory()
+        self.level = self.resident()
+        return True

@@ -1,4 +1,5 @@
-"""`release_free_memory`: glibc's free pages go back to the OS after every RL iteration."""
+"""`release_free_memory`: glibc's free pages go back to the OS between RL iterations, when the
+resident size grew by more than `RELEASE_GROWTH_BYTES` since the last release (`MemoryReleaser`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from support.tiny_runs import quiet, tiny_raw
 
 from lora_runtime import _memory
@@ -46,9 +48,42 @@ def test_without_malloc_trim_it_does_nothing(monkeypatch):
     assert _memory.release_free_memory() is False
 
 
-def test_the_trainer_releases_after_every_step(tmp_path, monkeypatch):
+def test_the_releaser_releases_when_the_resident_size_grew_past_the_margin(monkeypatch):
+    calls, rss = [], [100]
+    def release():
+        calls.append(rss[0])
+        rss[0] = 100  # the release gives the free pages back
+        return True
+    monkeypatch.setattr(_memory, "release_free_memory", release)
+    releaser = _memory.MemoryReleaser(10, resident=lambda: rss[0])
+    for size in (105, 110, 111, 104, 130, 100, 112):
+        rss[0] = size
+        releaser.after_iteration()
+    assert calls == [111, 130, 112]  # more than 10 above the level after the last release
+    assert _memory.MemoryReleaser().growth_bytes == _memory.RELEASE_GROWTH_BYTES == 16 << 20
+
+
+def test_where_the_resident_size_is_unknown_it_releases_after_every_iteration(monkeypatch):
     calls = []
-    monkeypatch.setattr(trainer, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(_memory, "release_free_memory", lambda: calls.append(1) or True)
+    releaser = _memory.MemoryReleaser(resident=lambda: None)
+    assert [releaser.after_iteration() for _ in range(3)] == [True, True, True] and len(calls) == 3
+
+
+def test_resident_bytes_reads_this_process():
+    rss = _memory.resident_bytes()
+    if platform.system() == "Linux":
+        assert rss is not None and 10 << 20 < rss < 64 << 30
+        big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+        assert _memory.resident_bytes() - rss > 48 << 20
+        del big
+
+
+@pytest.mark.parametrize(("growth", "releases"), [(0, 3), (1 << 40, 0)])
+def test_the_trainer_releases_between_steps_by_the_margin(tmp_path, monkeypatch, growth, releases):
+    calls = []
+    monkeypatch.setattr(_memory, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(_memory, "RELEASE_GROWTH_BYTES", growth)
     run_cfg = validate_config(tiny_raw(tmp_path / "run", tmp_path / "base", steps=3))
     trainer.train(run_cfg, log=quiet)
-    assert len(calls) == 3
+    assert len(calls) == releases

@@ -27,7 +27,7 @@ from lora_runtime._fs import (
     write_json_atomic,
     write_text_atomic,
 )
-from lora_runtime._memory import release_free_memory
+from lora_runtime._memory import MemoryReleaser
 from lora_runtime.adapters import iter_lora_layers, trainable_summary, unwrap_model
 from lora_runtime.compile import compile_actor
 from lora_runtime.config import RunConfig, RunnerConfig
@@ -303,6 +303,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
     policy = _policy(session)
     rollouts = RolloutWeights(session.model, cfg.rollout_weights, unmerged_only(session.run_cfg), log)
     flag = Interrupt(abort_on_repeat=cfg.distributed == "none")
+    memory = MemoryReleaser()  # resident size flat over iterations of changing sizes (glibc)
     step = session.start_step
     try:
         with catch_signals(flag):
@@ -319,7 +320,7 @@ def _run(session: Session, on_step: Callable[[dict[str, Any]], None] | None, log
                 if rollouts.choice is None:  # auto: measured once, after the first rollout
                     session.model.eval()
                     rollouts.decide(_example_forward(session), int(stats["rollout_forwards"]))
-                release_free_memory()  # resident size flat over iterations of changing sizes (glibc)
+                memory.after_iteration()
                 stats = reduce_step_stats(stats)  # over ranks
                 record = {"step": step, **stats, "chance_reward": session.task.chance_reward,
                           **getattr(session.task, "levels", {}),
