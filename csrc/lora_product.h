@@ -118,7 +118,7 @@ __attribute__((target("avx2"))) inline void product_rows_avx2(const float* b, co
 #endif
 
 // B and A of one product, row-major, and (float32 with AVX2) A packed into panels once, for
-// every tile of rows that product_rows computes from them.
+// every tile of rows that `rows` computes from them.
 template <typename A>
 class ProductFactors {
  public:

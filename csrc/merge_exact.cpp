@@ -13,8 +13,8 @@
 // are taken in that dtype and rounded once to W's dtype, exactly as merged_weight() does.
 // P is never held whole: each parallel task computes a tile of its rows (lora_product.h, the
 // same bits as the lora_product op) and uses it from the cache, so a pass reads and writes W
-// only (ProductTiles below). The checksum is the int64 sum of
-// W's bit patterns read as signed integers of W's width (adapters/merge_bits.checksum).
+// only (ProductTiles below). The checksum is the int64 sum of W's bit patterns read as signed
+// integers of W's width (adapters/merge_bits.checksum).
 // Mask layout: bit j of byte i flags element 8i + j of the flattened weight (merge_bits.pack).
 // CPU only (schemas in library.cpp); other devices use the tensor-op path of merge.py.
 // merge_enter keeps each tile's flagged originals as it goes and gathers them after, so W is
